@@ -1,0 +1,1 @@
+"""kforge-sidecar: receiver → spool → uploader → wandb, beside the trainer."""

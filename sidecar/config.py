@@ -1,0 +1,20 @@
+"""The sidecar's configuration: one dataclass, filled by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.protocol import DEFAULT_LIMITS, Limits
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    address: str
+    spool_dir: Path
+    log_level: str = "INFO"
+    commit_interval: float = 0.005  # group commit: at most one fsync per run per interval
+    drain_timeout: float = 30.0  # SIGTERM/stop: how long uploaders get to hand wandb what is spooled
+    init_timeout: float = 60.0  # wandb.init, per attempt
+    finish_timeout: float = 60.0  # wandb finish
+    limits: Limits = field(default=DEFAULT_LIMITS)

@@ -1,0 +1,307 @@
+"""The receiver: validates frames, appends them to the spool, acknowledges them once durable.
+
+It never calls wandb and never blocks on anything but its own socket and the
+local disk. Per client session it keeps the highest sequence number in the
+spool; a duplicate (a resend) is acknowledged again and not stored twice, a
+gap (frames lost in a dead connection) is answered with one nack so the
+client resends from there.
+
+Group commit: ``handle`` only appends; ``commit`` fsyncs every run written
+since the last commit and then sends the acks and welcomes that were waiting
+on it. The server calls ``commit`` every few milliseconds, so one fsync covers
+many frames and durability does not cap throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+
+from client import protocol
+from client.protocol import Close, Control, Hello, Metrics, ProtocolError
+
+from .spool import TRUSTED_LIMITS, RunMeta, RunSpool, Spool
+
+log = logging.getLogger("kforge_sidecar.receiver")
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def mint_run_id() -> str:
+    """A wandb-style run ID (8 of [a-z0-9], like wandb.util.generate_id)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+
+
+@dataclass
+class Session:
+    session: str
+    run_id: str
+    seq: int = 0  # highest seq appended to the spool
+    durable: int = 0  # highest seq known to be on disk
+    identity: bytes | None = None  # the ROUTER identity replies go to
+    nacked: int = -1  # the seq last nacked, so a burst of gaps gets one nack
+    pid: int | None = None
+    host: str | None = None
+
+
+@dataclass
+class RunState:
+    """What the receiver knows of one run (rebuilt from the spool on start)."""
+
+    spool: RunSpool
+    meta: RunMeta
+    received: int = 0  # metrics frames in the spool
+    last_step: int | None = None
+    closed: bool = False
+    exit_code: int | None = None
+    client_dropped: int = 0  # frames the clients reported dropping (full buffer)
+    sessions: set[str] = field(default_factory=set)
+    dirty: bool = False
+    # the state at the last successful commit, to roll back to if an fsync fails
+    snapshot: tuple = ()
+
+    def take_snapshot(self, sessions: dict[str, Session]) -> None:
+        self.snapshot = (
+            self.spool.log.size(),
+            self.received,
+            self.last_step,
+            self.closed,
+            self.exit_code,
+            {s: sessions[s].seq for s in self.sessions if s in sessions},
+        )
+
+
+class Receiver:
+    def __init__(self, spool: Spool, limits: protocol.Limits, on_control: Callable[[str], dict]):
+        self.spool = spool
+        self.limits = limits
+        self.runs: dict[str, RunState] = {}
+        self.sessions: dict[str, Session] = {}
+        self.rejected: Counter[str] = Counter()
+        self.duplicates = 0
+        self.disk_error: str | None = None
+        self._on_control = on_control
+        # replies that wait for the next commit
+        self._replies: list[tuple[bytes, bytes]] = []
+        self._acks: dict[str, Session] = {}
+        self._welcomes: dict[str, Session] = {}
+        self._last_reject_log: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- recovery
+
+    def recover(self) -> None:
+        """Rebuild run and session state from the spool, cutting torn tails."""
+        for run_id in self.spool.run_ids():
+            rs = self.spool.run(run_id)
+            meta = rs.read_meta()
+            if meta is None:
+                log.error("run %s: spool directory has no meta.json; skipping it", run_id)
+                continue
+            rs.log.repair()
+            run = RunState(spool=rs, meta=meta)
+            for rec in rs.log.records():
+                try:
+                    msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+                except ProtocolError as exc:  # cannot happen for frames we validated
+                    log.error("run %s: unreadable spool record at offset %d: %s", run_id, rec.offset, exc)
+                    continue
+                self._apply(run, msg)
+            rs.log.open_for_append()
+            run.take_snapshot(self.sessions)
+            for s in run.sessions:
+                self.sessions[s].durable = self.sessions[s].seq
+            self.runs[run_id] = run
+            log.info("run %s: recovered %d frames (closed=%s)", run_id, run.received, run.closed)
+
+    def _apply(self, run: RunState, msg: protocol.Request) -> None:
+        """Account for a record that is in the run's log (on recovery, or just appended)."""
+        if isinstance(msg, Hello):
+            sess = self.sessions.get(msg.session)
+            if sess is None:
+                sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
+            run.sessions.add(msg.session)
+            if run.closed:  # a new session after a close re-opens the run (resume)
+                run.closed = False
+                run.exit_code = None
+            return
+        sess = self.sessions[msg.session]
+        sess.seq = msg.seq
+        if isinstance(msg, Metrics):
+            run.received += 1
+            run.last_step = msg.step if run.last_step is None else max(run.last_step, msg.step)
+        elif isinstance(msg, Close):
+            run.closed = True
+            run.exit_code = msg.exit_code
+
+    # ---------------------------------------------------------------- frames
+
+    def handle(self, parts: list[bytes]) -> None:
+        """One message from the ROUTER socket: [identity, frame]."""
+        if len(parts) != 2:
+            self._reject(None, ProtocolError("malformed", f"{len(parts) - 1} frame parts"))
+            return
+        identity, raw = parts
+        try:
+            msg = protocol.decode_request(raw, self.limits)
+        except ProtocolError as exc:
+            self._reject(identity, exc)
+            return
+        if isinstance(msg, Control):
+            self._send(identity, protocol.Reply(body=self._on_control(msg.t)))
+        elif isinstance(msg, Hello):
+            self._hello(identity, msg, raw)
+        else:
+            self._frame(identity, msg, raw)
+
+    def _hello(self, identity: bytes, msg: Hello, raw: bytes) -> None:
+        sess = self.sessions.get(msg.session)
+        if sess is None:
+            run_id = msg.run_id or mint_run_id()
+            run = self.runs.get(run_id)
+            try:
+                if run is None:
+                    meta = RunMeta(run_id=run_id, project=msg.project, name=msg.name, config=msg.config, host=msg.host)
+                    rs = self.spool.create_run(meta)
+                    rs.log.open_for_append()
+                    run = self.runs[run_id] = RunState(spool=rs, meta=meta)
+                    run.take_snapshot(self.sessions)
+                    log.info("run %s: new (project=%s name=%s pid=%d host=%s)", run_id, msg.project, msg.name, msg.pid, msg.host)
+                else:
+                    log.info("run %s: session %s attached (pid=%d host=%s)", run_id, msg.session, msg.pid, msg.host)
+                # the session -> run mapping must survive a restart: it goes into the log
+                run.spool.log.append(raw)
+            except OSError as exc:
+                self._disk_failed(run_id, exc)
+                self._send(identity, protocol.Error(msg.session, f"spool unwritable: {exc}"))
+                return
+            self._apply(run, msg)
+            run.dirty = True
+            sess = self.sessions[msg.session]
+        sess.identity = identity
+        if msg.first > sess.seq + 1:  # the client dropped these for good (full buffer)
+            run = self.runs[sess.run_id]
+            run.client_dropped += msg.first - 1 - sess.seq
+            log.warning(
+                "run %s: session %s dropped frames %d..%d before they reached the sidecar (client buffer full)",
+                sess.run_id, sess.session, sess.seq + 1, msg.first - 1,
+            )
+            sess.seq = msg.first - 1
+        self._welcomes[sess.session] = sess
+
+    def _frame(self, identity: bytes, msg: Metrics | Close, raw: bytes) -> None:
+        sess = self.sessions.get(msg.session)
+        if sess is None:
+            # e.g. the hello was lost with a dead connection: the client says hello again.
+            self._send(identity, protocol.Error(msg.session, "unknown session; say hello first"))
+            return
+        sess.identity = identity
+        if msg.seq <= sess.seq:  # a resend of what we have
+            self.duplicates += 1
+            self._acks[sess.session] = sess
+            return
+        if msg.seq > sess.seq + 1:  # frames in between were lost on the way
+            if sess.nacked != sess.seq:
+                sess.nacked = sess.seq
+                self._send(identity, protocol.Nack(sess.session, sess.seq))
+            return
+        run = self.runs[sess.run_id]
+        try:
+            run.spool.log.append(raw)
+        except OSError as exc:
+            self._disk_failed(run.meta.run_id, exc)
+            return
+        self._apply(run, msg)
+        run.dirty = True
+        self._acks[sess.session] = sess
+
+    # ---------------------------------------------------------------- commit
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._acks or self._welcomes or self._replies)
+
+    def commit(self, sock: zmq.Socket) -> None:
+        """Make appended frames durable, then send the replies that waited on it."""
+        failed: set[str] = set()
+        for run in self.runs.values():
+            if not run.dirty:
+                continue
+            try:
+                run.spool.log.sync()
+            except OSError as exc:
+                self._rollback(run, exc)
+                failed.add(run.meta.run_id)
+                continue
+            run.dirty = False
+            run.take_snapshot(self.sessions)
+            if self.disk_error:
+                log.info("spool writable again")
+                self.disk_error = None
+        for sess in list(self._welcomes.values()) + list(self._acks.values()):
+            if sess.run_id not in failed:
+                sess.durable = sess.seq
+        for sess in self._welcomes.values():
+            if sess.run_id not in failed and sess.identity is not None:
+                self._send(sess.identity, protocol.Welcome(sess.session, sess.run_id, sess.durable), sock)
+        for sess in self._acks.values():
+            if sess.run_id not in failed and sess.identity is not None and sess.session not in self._welcomes:
+                self._send(sess.identity, protocol.Ack(sess.session, sess.durable), sock)
+        self._welcomes.clear()
+        self._acks.clear()
+        replies, self._replies = self._replies, []
+        for identity, frame in replies:
+            _route(sock, identity, frame)
+
+    def _rollback(self, run: RunState, exc: OSError) -> None:
+        """An fsync failed: what was appended since the last commit may not be on disk.
+        Cut it and forget it; the clients still hold those frames and resend them."""
+        self._disk_failed(run.meta.run_id, exc)
+        size, run.received, run.last_step, run.closed, run.exit_code, seqs = run.snapshot
+        try:
+            os.truncate(run.spool.log.path, size)
+        except OSError:
+            pass
+        for s, seq in seqs.items():
+            self.sessions[s].seq = self.sessions[s].durable = seq
+        run.dirty = False
+
+    def _disk_failed(self, run_id: str, exc: OSError) -> None:
+        reason = f"spool write failed for run {run_id}: {exc}"
+        if reason != self.disk_error:
+            log.error("%s; not acknowledging until the spool is writable (clients keep buffering)", reason)
+        self.disk_error = reason
+
+    # ---------------------------------------------------------------- replies
+
+    def _send(self, identity: bytes, msg: protocol.Response, sock: zmq.Socket | None = None) -> None:
+        frame = protocol.encode(msg)
+        if sock is None:
+            self._replies.append((identity, frame))
+        else:
+            _route(sock, identity, frame)
+
+    def _reject(self, identity: bytes | None, exc: ProtocolError) -> None:
+        self.rejected[exc.reason] += 1
+        now = time.monotonic()
+        # a flood of garbage must not flood the log: one line per reason per 10 s
+        if now - self._last_reject_log.get(exc.reason, -1e9) >= 10.0:
+            self._last_reject_log[exc.reason] = now
+            log.warning("rejected frame: %s (%d rejected for this reason so far)", exc, self.rejected[exc.reason])
+        if identity is not None:
+            self._send(identity, protocol.Error(None, str(exc), fatal=exc.reason == "version"))
+
+
+def _route(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
+    try:
+        sock.send_multipart([identity, frame], zmq.NOBLOCK)
+    except (zmq.Again, zmq.ZMQError):
+        # the peer is gone or not reading: its resend timer covers a lost reply
+        pass

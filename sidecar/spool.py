@@ -1,0 +1,262 @@
+"""The spool: the on-disk queue between the receiver and the uploaders.
+
+Layout, one directory per run (directories 0700, files 0600)::
+
+    <spool>/runs/<run_id>/
+        meta.json      RunMeta: project, name, config; written once by the receiver
+        frames.log     append-only records, each: u32 length, u32 crc32, payload
+        uploader.json  UploaderState: the uploader's cursor and health, written by it alone
+
+A payload is the client's validated msgpack frame, byte for byte. The
+receiver is the only writer of frames.log; it fsyncs in groups and only then
+acknowledges. A crash mid-write leaves a torn tail (short record or bad CRC),
+which ``RunLog.repair`` cuts on the next start. Readers (the uploader, sync,
+status) stop quietly at an incomplete tail: the writer may still be writing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from client.protocol import RUN_ID_RE, Limits
+
+log = logging.getLogger("kforge_sidecar.spool")
+
+HEADER = struct.Struct("<II")  # payload length, crc32(payload)
+MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
+# Records were validated on the way in; read them back without the receiver's caps,
+# which may have been lowered since.
+TRUSTED_LIMITS = Limits(max_frame_bytes=MAX_RECORD, max_hello_bytes=MAX_RECORD, max_scalars=1 << 20)
+
+
+def default_spool_dir() -> Path:
+    env = os.environ.get("KFORGE_SPOOL_DIR")
+    if env:
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "kforge-sidecar" / "spool"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as JSON: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(obj, separators=(",", ":")).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _from_dict(cls: type, data: dict) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class RunMeta:
+    run_id: str
+    project: str
+    name: str | None
+    config: dict[str, Any]
+    host: str
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class UploaderState:
+    """The uploader's cursor and health. ``offset`` is a byte offset into frames.log
+    up to which every record has been handed to wandb."""
+
+    state: str = "waiting"  # waiting, initializing, live, failed, finished
+    offset: int = 0
+    uploaded: int = 0  # metrics frames handed to wandb
+    last_step: int | None = None
+    error: str | None = None
+    wandb_dir: str | None = None  # where wandb keeps the run's files
+    pid: int | None = None
+    updated: float = 0.0
+
+
+@dataclass
+class Record:
+    offset: int  # where the record starts
+    end: int  # where the next one starts
+    payload: bytes
+
+
+class RunLog:
+    """frames.log: append-only, length- and CRC-framed records."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    # -- writer side (the receiver only)
+
+    def open_for_append(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def append(self, payload: bytes) -> None:
+        """Write one record; durable only after ``sync``. Raises OSError (disk full, ...)."""
+        assert self._fd is not None, "log not open for append"
+        data = HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        written = os.write(self._fd, data)
+        if written != len(data):  # a short write on a full disk: cut it so the log stays framed
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            raise OSError(28, "short write to spool (disk full?)")
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def repair(self) -> int:
+        """Cut a torn tail left by a crash. Returns the number of bytes cut.
+
+        Only the writer calls this, before it appends anything.
+        """
+        good = 0
+        for rec in self.records(0, strict=True):
+            good = rec.end
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size > good:
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+            log.warning("spool %s: cut a torn tail of %d bytes at offset %d", self.path, size - good, good)
+        return size - good
+
+    # -- reader side (anyone)
+
+    def records(self, offset: int = 0, strict: bool = False) -> Iterator[Record]:
+        """Records from ``offset`` on; stops at the first incomplete one.
+
+        A record whose CRC does not match ends the iteration too: with
+        ``strict`` (repair) it is treated as the torn tail; otherwise it is
+        logged, since a concurrent writer never leaves one behind.
+        """
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            f.seek(offset)
+            pos = offset
+            while True:
+                head = f.read(HEADER.size)
+                if len(head) < HEADER.size:
+                    return
+                length, crc = HEADER.unpack(head)
+                if length > MAX_RECORD:
+                    if not strict:
+                        log.error("spool %s: impossible record length %d at offset %d", self.path, length, pos)
+                    return
+                payload = f.read(length)
+                if len(payload) < length:
+                    return
+                if zlib.crc32(payload) != crc:
+                    if not strict:
+                        log.error("spool %s: CRC mismatch at offset %d", self.path, pos)
+                    return
+                end = pos + HEADER.size + length
+                yield Record(pos, end, payload)
+                pos = end
+
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+class RunSpool:
+    """One run's directory."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.run_id = directory.name
+        self.log = RunLog(directory / "frames.log")
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / "meta.json"
+
+    @property
+    def uploader_path(self) -> Path:
+        return self.dir / "uploader.json"
+
+    def read_meta(self) -> RunMeta | None:
+        data = read_json(self.meta_path)
+        return _from_dict(RunMeta, data) if data else None
+
+    def write_meta(self, meta: RunMeta) -> None:
+        write_json_atomic(self.meta_path, asdict(meta))
+
+    def read_uploader(self) -> UploaderState:
+        data = read_json(self.uploader_path)
+        return _from_dict(UploaderState, data) if data else UploaderState()
+
+    def write_uploader(self, state: UploaderState) -> None:
+        state.updated = time.time()
+        write_json_atomic(self.uploader_path, asdict(state))
+
+
+class Spool:
+    """The spool root: ``<root>/runs/<run_id>/``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.runs_dir = self.root / "runs"
+
+    def ensure(self) -> None:
+        """Create the spool 0700 (the writer's job; readers never create it)."""
+        for d in (self.root, self.runs_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    def run_ids(self) -> list[str]:
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir() and RUN_ID_RE.match(p.name))
+
+    def run(self, run_id: str) -> RunSpool:
+        if not RUN_ID_RE.match(run_id):
+            raise ValueError(f"invalid run id {run_id!r}")
+        return RunSpool(self.runs_dir / run_id)
+
+    def create_run(self, meta: RunMeta) -> RunSpool:
+        run = self.run(meta.run_id)
+        run.dir.mkdir(mode=0o700, exist_ok=True)
+        run.write_meta(meta)
+        _fsync_dir(self.runs_dir)
+        return run
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,285 @@
+"""Tests for tests/fakewandb.py: a real wandb (online mode) against the fake.
+
+Every wandb run happens in a subprocess with a hard deadline, so a wandb
+hang can never hang the test session.  Nothing but 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fakewandb import FakeWandb  # noqa: E402
+
+pytest.importorskip("wandb")
+
+ENTITY = "fake-entity"
+PROJECT = "fake-project"
+
+# The script run in the subprocess.  It prints exactly one "RESULT {...}" line.
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    params = json.loads(sys.argv[1])
+    t0 = time.monotonic()
+    res = {}
+    import wandb
+    settings = wandb.Settings(
+        init_timeout=params["init_timeout"],
+        finish_timeout=params["finish_timeout"],
+        finish_timeout_raises=True,
+        x_disable_stats=True,
+        console="off",
+    )
+    try:
+        run = wandb.init(entity=params["entity"], project=params["project"],
+                         settings=settings)
+    except BaseException as e:
+        res.update(init="error", exc_type=type(e).__name__,
+                   exc_module=type(e).__module__, exc=str(e))
+    else:
+        res.update(init="ok", run_id=run.id)
+        for row in params["rows"]:
+            run.log(row)
+        try:
+            run.finish()
+            res["finish"] = "ok"
+        except BaseException as e:
+            res.update(finish="error", finish_exc_type=type(e).__name__,
+                       finish_exc=str(e))
+    res["elapsed"] = time.monotonic() - t0
+    print("RESULT " + json.dumps(res), flush=True)
+    if params.get("fast_exit"):
+        # wandb's atexit telemetry flush probes <base_url>/sdk/otel/v1/metrics
+        # with a 10 s HTTP timeout; against a hanging server that adds ~20 s
+        # to process exit.  Skip it: the result is already reported.
+        sys.stdout.flush()
+        os._exit(0)
+    """
+)
+
+ROWS = [
+    {"loss": 1.0, "acc": 0.25},
+    {"loss": 0.5, "acc": 0.5},
+    {"loss": 0.125, "acc": 0.75},
+]
+
+
+@pytest.fixture
+def server():
+    srv = FakeWandb("ok").start()
+    try:
+        yield srv
+    finally:
+        t = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - t < 5, "FakeWandb.stop() was slow"
+
+
+def run_wandb(srv: FakeWandb, tmp_path: Path, *, init_timeout: float,
+              finish_timeout: float = 10.0, rows=ROWS, fast_exit: bool = False,
+              deadline: float = 30.0) -> dict:
+    """Run SCRIPT in a subprocess against ``srv``; return its RESULT dict."""
+    script = tmp_path / "wandb_script.py"
+    script.write_text(SCRIPT)
+    wdir = tmp_path / "wandb_dir"
+    wdir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(srv.env(
+        WANDB_DIR=str(wdir),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
+        WANDB_DATA_DIR=str(tmp_path / "wandb_data"),
+    ))
+    params = {
+        "entity": ENTITY, "project": PROJECT, "rows": rows,
+        "init_timeout": init_timeout, "finish_timeout": finish_timeout,
+        "fast_exit": fast_exit,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(params)],
+        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # by its own pid
+        out, err = proc.communicate()
+        pytest.fail(f"wandb subprocess exceeded {deadline}s\nstdout:\n{out}\nstderr:\n{err[-3000:]}")
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+            res["_stderr"] = err
+            res["_rc"] = proc.returncode
+            return res
+    pytest.fail(f"no RESULT line (rc={proc.returncode})\nstdout:\n{out}\nstderr:\n{err[-3000:]}")
+
+
+def _fmt(res: dict) -> str:
+    return json.dumps({k: v for k, v in res.items() if k != "_stderr"}, indent=1) + \
+        "\n--- stderr tail ---\n" + res.get("_stderr", "")[-2000:]
+
+
+def _logged(rows: list[dict]) -> list[dict]:
+    """Only the user keys + _step of history rows (drop _runtime/_timestamp)."""
+    return [{k: v for k, v in r.items() if k not in ("_runtime", "_timestamp", "_wandb")}
+            for r in rows]
+
+
+# --- with a real wandb -------------------------------------------------------
+
+
+def test_ok_init_log_finish_rows_arrive(server, tmp_path):
+    res = run_wandb(server, tmp_path, init_timeout=15, finish_timeout=15)
+    assert res["init"] == "ok", _fmt(res)
+    assert res["finish"] == "ok", _fmt(res)
+    assert res["_rc"] == 0, _fmt(res)
+    run_id = res["run_id"]
+
+    expected = [dict(row, _step=i) for i, row in enumerate(ROWS)]
+    assert _logged(server.history_rows(run_id)) == expected
+    assert _logged(server.history_rows()) == expected
+    assert server.exitcode(run_id) == 0
+    assert server.summary(run_id)["loss"] == 0.125
+
+    ops = server.graphql_operations()
+    assert "UpsertBucket" in ops, ops
+    assert ("POST", f"/files/{ENTITY}/{PROJECT}/{run_id}/file_stream") in server.requests()
+    assert server.runs()[run_id]["project"] == PROJECT
+    assert any(k.endswith("/wandb-metadata.json") for k in server.uploads())
+
+
+def test_401_init_fails_fast_with_auth_error(server, tmp_path):
+    server.mode = "401"
+    res = run_wandb(server, tmp_path, init_timeout=15)
+    assert res["init"] == "error", _fmt(res)
+    assert res["exc_type"] == "CommError", _fmt(res)
+    assert "401" in res["exc"] and "not logged in" in res["exc"], _fmt(res)
+    assert res["elapsed"] < 8, _fmt(res)  # not retried until init_timeout
+    assert server.history_rows() == []
+    assert server.graphql_operations().count("UpsertBucket") == 1  # no retries
+
+
+def test_500_init_fails_after_retrying_until_init_timeout(server, tmp_path):
+    server.mode = "500"
+    res = run_wandb(server, tmp_path, init_timeout=6, deadline=30)
+    assert res["init"] == "error", _fmt(res)
+    assert res["exc_type"] == "CommError", _fmt(res)
+    assert "500" in res["exc"] and "init_timeout" in res["exc"], _fmt(res)
+    assert 5 <= res["elapsed"] < 15, _fmt(res)
+    # wandb-core retried the run upsert (exponential backoff) until init_timeout.
+    assert server.graphql_operations().count("UpsertBucket") >= 2
+    assert server.history_rows() == []
+
+
+def test_hang_init_times_out(server, tmp_path):
+    server.mode = "hang"
+    res = run_wandb(server, tmp_path, init_timeout=5, fast_exit=True, deadline=30)
+    assert res["init"] == "error", _fmt(res)
+    assert res["exc_type"] == "CommError", _fmt(res)
+    assert "Timed out" in res["exc"] or "deadline" in res["exc"], _fmt(res)
+    assert 4.5 <= res["elapsed"] < 12, _fmt(res)
+    assert server.requests(), "wandb never reached the server"
+    assert server.history_rows() == []
+
+
+def test_stall_after_init_finish_times_out_without_rows(server, tmp_path):
+    server.mode = "stall_after_init"
+    res = run_wandb(server, tmp_path, init_timeout=15, finish_timeout=3, deadline=30)
+    assert res["init"] == "ok", _fmt(res)
+    assert res["finish"] == "error", _fmt(res)
+    assert res["finish_exc_type"] == "TimeoutError", _fmt(res)
+    run_id = res["run_id"]
+    assert any(p.endswith(f"/{run_id}/file_stream") for _, p in server.requests())
+    assert server.history_rows(run_id) == []
+    assert not server.completed(run_id)
+
+
+def test_mode_switch_heals_500_during_init(server, tmp_path):
+    server.mode = "500"
+    timer = threading.Timer(2.0, setattr, (server, "mode", "ok"))
+    timer.start()
+    try:
+        res = run_wandb(server, tmp_path, init_timeout=20, finish_timeout=15)
+    finally:
+        timer.cancel()
+    assert res["init"] == "ok", _fmt(res)
+    assert res["finish"] == "ok", _fmt(res)
+    log = server.request_log()
+    assert log[0]["mode"] == "500"
+    expected = [dict(row, _step=i) for i, row in enumerate(ROWS)]
+    assert _logged(server.history_rows(res["run_id"])) == expected
+
+
+# --- the server alone (no wandb) ---------------------------------------------
+
+
+def _raw_post(url: str, path: str, timeout: float = 5.0) -> bytes:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        body = b'{"query":"query Viewer { viewer { id } }","operationName":"Viewer"}'
+        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("mode,status", [("ok", b" 200 "), ("401", b" 401 "), ("500", b" 500 ")])
+def test_status_per_mode(server, mode, status):
+    server.mode = mode
+    resp = _raw_post(server.url, "/graphql")
+    assert resp.split(b"\r\n", 1)[0].find(status) > 0, resp[:200]
+
+
+def test_hang_blocks_until_stop_and_stop_is_prompt(tmp_path):
+    srv = FakeWandb("hang").start()
+    result: dict = {}
+
+    def client():
+        t = time.monotonic()
+        try:
+            result["resp"] = _raw_post(srv.url, "/graphql", timeout=10)
+        except OSError as e:
+            result["err"] = e
+        result["t"] = time.monotonic() - t
+
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    time.sleep(1.0)
+    assert th.is_alive(), "request was answered in hang mode"
+    t = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t < 3
+    th.join(5)
+    assert not th.is_alive()
+    assert not result.get("resp"), result  # closed without an answer
+
+
+def test_stall_after_init_only_hangs_file_stream(server):
+    server.mode = "stall_after_init"
+    assert b" 200 " in _raw_post(server.url, "/graphql").split(b"\r\n", 1)[0]
+    with pytest.raises(socket.timeout):
+        _raw_post(server.url, "/files/e/p/r/file_stream", timeout=1.0)
+
+
+def test_invalid_mode_rejected():
+    with pytest.raises(ValueError):
+        FakeWandb("nope")
