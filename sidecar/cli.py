@@ -125,14 +125,27 @@ def stop(
     pid = body["sidecar"]["pid"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             typer.echo(f"sidecar (pid {pid}) drained and stopped")
             return
         time.sleep(0.1)
     typer.echo(f"sidecar on {addr} still running after {timeout:.0f}s", err=True)
     raise typer.Exit(1)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def main() -> None:

@@ -146,7 +146,7 @@ class Receiver:
     def handle(self, parts: list[bytes]) -> None:
         """One message from the ROUTER socket: [identity, frame]."""
         if len(parts) != 2:
-            self._reject(None, ProtocolError("malformed", f"{len(parts) - 1} frame parts"))
+            self._reject(parts[0], ProtocolError("malformed", f"{len(parts) - 1} frame parts, expected 1"))
             return
         identity, raw = parts
         try:

@@ -27,10 +27,15 @@ Modes (switchable at runtime through ``server.mode = ...``):
 
 What wandb 0.31 sends (observed):
 
-* ``wandb.init``: ``POST /graphql`` ``Viewer`` (login check, once more by the
-  run), ``POST /graphql`` ``UpsertBucket`` (creates the run); the Python
-  process also probes ``POST /sdk/otel/v1/metrics`` (telemetry proxy; a 404
-  disables it, which is what this server answers in ``ok`` mode).
+* ``wandb.init``: ``POST /graphql`` ``Viewer`` -- only when wandb prints the
+  "Currently logged in as" line (not with ``WANDB_SILENT=true`` or
+  ``WANDB_X_DISABLE_VIEWER=true``); each try has its own 5 s timeout that is
+  NOT bounded by ``init_timeout`` -- then ``POST /graphql`` ``UpsertBucket``
+  (creates the run; retried with backoff on 5xx/timeouts until
+  ``init_timeout``; a 401 fails at once).  The Python process also POSTs
+  ``/sdk/otel/v1/metrics`` and ``/sdk/otel/v1/logs`` (telemetry proxy; a 404
+  disables it, which is what this server answers in ``ok`` mode; the probe
+  has a 10 s timeout and runs at interpreter exit).
 * during the run: ``POST /files/<entity>/<project>/<run>/file_stream`` with
   ``{"files": {"wandb-history.jsonl": {"offset": N, "content": [...]}, ...}}``.
 * ``run.finish``: another ``UpsertBucket``, ``CreateRunFiles`` (upload URLs for
@@ -295,6 +300,8 @@ class FakeWandb:
             "WANDB_BASE_URL": self.url,
             "WANDB_API_KEY": DUMMY_API_KEY,
             "WANDB_SILENT": "true",
+            # No early Viewer query: it is retried outside init_timeout.
+            "WANDB_X_DISABLE_VIEWER": "true",
             "WANDB_DISABLE_GIT": "true",
             "WANDB_DISABLE_CODE": "true",
             "NO_PROXY": "127.0.0.1,localhost",
@@ -546,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(0.1):
             pass
     except KeyboardInterrupt:
         pass

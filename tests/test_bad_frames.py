@@ -1,0 +1,88 @@
+"""Bad input against a live sidecar: each frame rejected with a reason, counted, nothing lost."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import msgpack
+import zmq
+
+from client import protocol
+from conftest import run_trainer, wandb_file, wandb_history
+from trainer import train_metrics
+
+SESSION = "feedfacecafebeef"
+
+
+def metrics(**over) -> bytes:
+    body = {"v": 1, "t": "metrics", "session": SESSION, "seq": 1, "step": 1, "kind": "train",
+            "time": 0.0, "values": {"loss": 1.0}}  # fmt: skip
+    return msgpack.packb(body | over)
+
+
+BAD = [
+    ([b"\x00\xff garbage \xc1"], "malformed"),
+    ([msgpack.packb("a string")], "malformed"),
+    ([metrics(v=99)], "version"),
+    ([metrics(t="exec")], "unknown_type"),
+    ([metrics(step="one")], "bad_field"),
+    ([metrics(kind="debug")], "bad_field"),
+    ([metrics(values={"loss": "nan"})], "bad_value"),
+    ([metrics(values={"loss": {"nested": 1}})], "bad_value"),
+    ([metrics(values={f"k{i}": 0.0 for i in range(1500)})], "too_many"),
+    ([metrics(values={"loss": 1.0, "pad": "x" * 100_000})], "oversize"),
+    ([metrics(), b"extra part"], "malformed"),
+]
+
+
+def test_bad_frames_are_rejected_counted_and_the_sidecar_keeps_serving(env, sidecar):
+    sc = sidecar()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(env.address)
+    try:
+        for parts, reason in BAD:
+            sock.send_multipart(parts)
+            assert sock.poll(10_000), f"no reply to a {reason} frame"
+            reply = protocol.decode_response(sock.recv())
+            assert isinstance(reply, protocol.Error), reply
+            assert reply.reason.startswith(reason), (reason, reply.reason)
+            # only a version mismatch tells the client to give up
+            assert reply.fatal is (reason == "version")
+        # metrics from a session that never said hello: refused, not stored
+        sock.send(metrics())
+        assert sock.poll(10_000)
+        reply = protocol.decode_response(sock.recv())
+        assert isinstance(reply, protocol.Error) and reply.reason.startswith("unknown session")
+    finally:
+        sock.close()
+        ctx.term()
+
+    status = sc.status()
+    assert status["sidecar"]["rejected"] == dict(Counter(reason for _, reason in BAD))
+    assert status["runs"] == []
+    assert "rejected frame" in sc.log()
+
+    # the same sidecar still takes a real client's frames, all of them
+    out = run_trainer(env, "--steps", "40")
+    sc.wait_run(out["run_id"], "finished")
+    assert wandb_history(wandb_file(env.wandb_dir, out["run_id"])) == {s: train_metrics(s) for s in range(1, 41)}
+
+
+def test_client_of_another_protocol_version_is_told_clearly(env, sidecar, caplog):
+    """A future client speaking v2 gets a fatal error it can read, and the sidecar lives on."""
+    sc = sidecar()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(env.address)
+    hello = {"v": 2, "t": "hello", "session": SESSION, "project": "p", "pid": 1, "host": "h", "first": 1}
+    sock.send(msgpack.packb(hello))
+    assert sock.poll(10_000)
+    reply = msgpack.unpackb(sock.recv())
+    sock.close()
+    ctx.term()
+    assert reply["t"] == "error" and reply["fatal"] is True
+    assert "protocol version 2" in reply["reason"]
+    assert sc.status()["sidecar"]["rejected"] == {"version": 1}

@@ -1,0 +1,112 @@
+"""The sidecar as an operator meets it: refusing unsafe starts, status, stop, recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import Sidecar, run_trainer, wandb_file, wandb_history
+from trainer import train_metrics
+
+
+def test_second_sidecar_on_the_same_address_is_refused(env, sidecar):
+    first = sidecar()
+    second = sidecar(start=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"], env=env.vars(), capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 1
+    assert f"already serves {env.address}" in r.stderr
+    assert f"pid {first.proc.pid}" in r.stderr
+    del second
+    # the first one still owns the socket and serves
+    out = run_trainer(env, "--steps", "5")
+    first.wait_run(out["run_id"], "finished")
+
+
+def test_unsafe_socket_directory_is_refused(env):
+    sock_dir = env.base / "sock"
+    sock_dir.mkdir(mode=0o755)
+    os.chmod(sock_dir, 0o755)
+    r = subprocess.run([sys.executable, "-m", "sidecar", "serve"], env=env.vars(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "has mode 0755" in r.stderr and "chmod 700" in r.stderr
+    os.chmod(sock_dir, 0o700)
+    os.chown(sock_dir, 65534, 65534)  # someone else's directory (tests run as root here)
+    r = subprocess.run([sys.executable, "-m", "sidecar", "serve"], env=env.vars(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "belongs to uid 65534" in r.stderr
+
+
+def test_stale_socket_from_a_killed_sidecar_is_taken_over(env, sidecar):
+    sc = sidecar()
+    os.kill(sc.proc.pid, signal.SIGKILL)
+    sc.proc.wait(10)
+    assert (env.base / "sock" / "sidecar.sock").exists()
+    again = sidecar()
+    out = run_trainer(env, "--steps", "5")
+    again.wait_run(out["run_id"], "finished")
+
+
+def test_status_without_a_sidecar_reads_the_spool(env, sidecar):
+    sc = sidecar()
+    out = run_trainer(env, "--steps", "12", "--name", "offline-view")
+    sc.wait_run(out["run_id"], "finished")
+    assert sc.stop() == 0
+    r = sc.cli("status")
+    assert r.returncode == 1
+    assert "no sidecar running" in r.stdout
+    assert out["run_id"] in r.stdout and "offline-view" in r.stdout and "finished" in r.stdout
+    r = sc.cli("status", "--json")
+    run = r_json = __import__("json").loads(r.stdout)["runs"][0]
+    assert (run["received"], run["uploaded"], run["pending"], run["last_step"]) == (12, 12, 0, 12)
+    del r_json
+
+
+def test_stop_command_drains_and_exits(env, sidecar):
+    sc = sidecar()
+    out = run_trainer(env, "--steps", "30")
+    r = sc.cli("stop", "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    assert "drained and stopped" in r.stdout
+    assert sc.proc.wait(5) == 0
+    # everything the trainer sent was uploaded before the sidecar left
+    rows = wandb_history(wandb_file(env.wandb_dir, out["run_id"]))
+    assert rows == {s: train_metrics(s) for s in range(1, 31)}
+    assert sc.cli("stop").returncode == 1  # nothing to stop now
+
+
+def test_sigterm_exits_zero_and_socket_is_removed(env, sidecar):
+    sc = sidecar()
+    assert sc.stop() == 0
+    assert not (env.base / "sock" / "sidecar.sock").exists()
+    assert "stopped" in sc.log()
+
+
+def test_torn_tail_is_cut_on_start_and_the_rest_uploaded(env, sidecar):
+    """A sidecar that crashed mid-write: the next one cuts the torn record and uploads the rest."""
+    sc = sidecar()
+    out = run_trainer(env, "--steps", "25", "--no-close")
+    run_id = out["run_id"]
+    os.killpg(sc.proc.pid, signal.SIGKILL)
+    sc.proc.wait(10)
+    log = env.spool / "runs" / run_id / "frames.log"
+    size = log.stat().st_size
+    with open(log, "ab") as f:
+        f.write(b"\x40\x00\x00\x00\x12\x34")  # half a header: a write cut short
+    (env.spool / "runs" / run_id / "uploader.json").unlink(missing_ok=True)  # upload from scratch
+    again: Sidecar = sidecar()
+    assert "cut a torn tail of 6 bytes" in again.log()
+    assert log.stat().st_size >= size
+    st = again.wait_run(run_id, "live")
+    assert st["received"] == 25
+    import time
+
+    deadline = time.monotonic() + 30
+    while (again.run(run_id) or {}).get("uploaded") != 25 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert again.stop() == 0  # drain: wandb gets what is spooled
+    rows = wandb_history(wandb_file(env.wandb_dir, run_id))
+    assert rows == {s: train_metrics(s) for s in range(1, 26)}

@@ -1,0 +1,90 @@
+"""The wire protocol: every validation rule, both directions."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from client import protocol
+from client.protocol import Close, Hello, Limits, Metrics, ProtocolError, decode_request
+
+SESSION = "0123456789abcdef"
+
+
+def frame(**fields) -> bytes:
+    body = {"v": protocol.PROTOCOL_VERSION, "t": "metrics", "session": SESSION, "seq": 1,
+            "step": 3, "kind": "train", "time": 1.5, "values": {"loss": 2.0}}  # fmt: skip
+    body.update(fields)
+    return msgpack.packb({k: v for k, v in body.items() if v is not ...})
+
+
+def test_round_trips():
+    hello = Hello(SESSION, "proj", "name", None, {"a": [1, 2.5, {"b": None}]}, 42, "host", first=7)
+    assert decode_request(protocol.encode(hello)) == hello
+    m = Metrics(SESSION, 5, 10, "eval", 123.25, {"x": 1, "y": 2.5, "ok": True, "nan": float("inf")})
+    assert decode_request(protocol.encode(m)) == m
+    assert decode_request(protocol.encode_metrics(SESSION, 5, 10, "eval", 123.25, m.values)) == m
+    c = Close(SESSION, 9, exit_code=3)
+    assert decode_request(protocol.encode(c)) == c
+    assert decode_request(protocol.encode(protocol.Control("status"))) == protocol.Control("status")
+    for reply in (
+        protocol.Welcome(SESSION, "abc", 4),
+        protocol.Ack(SESSION, 9),
+        protocol.Nack(SESSION, 2),
+        protocol.Error(None, "nope", fatal=True),
+        protocol.Reply({"k": [1]}),
+    ):
+        assert protocol.decode_response(protocol.encode(reply)) == reply
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"\xc1garbage", "malformed"),
+        (b"", "malformed"),
+        (msgpack.packb([1, 2, 3]), "malformed"),
+        (msgpack.packb({"t": "metrics"}), "malformed"),
+        (frame(v=2), "version"),
+        (frame(v="1"), "malformed"),
+        (frame(t="launch_missiles"), "unknown_type"),
+        (frame(seq=0), "bad_field"),
+        (frame(seq="1"), "bad_field"),
+        (frame(seq=True), "bad_field"),
+        (frame(step=-1), "bad_field"),
+        (frame(step=1.5), "bad_field"),
+        (frame(kind="test"), "bad_field"),
+        (frame(session="short"), "bad_field"),
+        (frame(session="../../etc/passwd"), "bad_field"),
+        (frame(time="now"), "bad_field"),
+        (frame(values=[1.0]), "bad_value"),
+        (frame(values={"loss": "low"}), "bad_value"),
+        (frame(values={"loss": None}), "bad_value"),
+        (frame(values={"loss": [1.0]}), "bad_value"),
+        (frame(values={"": 1.0}), "bad_value"),
+        (frame(values={"k" * 300: 1.0}), "bad_value"),
+        (frame(values={f"k{i}": 1.0 for i in range(2000)}), "too_many"),
+        (frame(values={"x": b"\x00" * 70_000}), "oversize"),
+        (msgpack.packb({1: 2}), "malformed"),
+    ],
+)
+def test_rejects(raw, reason):
+    with pytest.raises(ProtocolError) as e:
+        decode_request(raw)
+    assert e.value.reason == reason
+
+
+def test_hello_rules():
+    ok = {"v": 1, "t": "hello", "session": SESSION, "project": "p", "name": None, "run_id": None,
+          "config": {}, "pid": 1, "host": "h", "first": 1}  # fmt: skip
+    assert isinstance(decode_request(msgpack.packb(ok)), Hello)
+    for bad in ({"run_id": "../x"}, {"run_id": "a" * 65}, {"config": [1]}, {"config": {"x": float("nan")}},
+                {"pid": "1"}, {"first": 0}, {"project": "p" * 5000}):  # fmt: skip
+        with pytest.raises(ProtocolError) as e:
+            decode_request(msgpack.packb(ok | bad))
+        assert e.value.reason == "bad_field", bad
+    # a hello may carry a large config, up to its own limit
+    big = ok | {"config": {"blob": "x" * 200_000}}
+    assert isinstance(decode_request(msgpack.packb(big)), Hello)
+    with pytest.raises(ProtocolError) as e:
+        decode_request(msgpack.packb(big), Limits(max_hello_bytes=100_000))
+    assert e.value.reason == "oversize"

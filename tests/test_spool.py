@@ -1,0 +1,76 @@
+"""The spool's log: framing, torn tails, permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from sidecar.spool import HEADER, RunLog, RunMeta, Spool, UploaderState
+
+
+def mode(p) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_append_read_and_permissions(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    run = spool.create_run(RunMeta("r1", "p", None, {"a": 1}, "h"))
+    run.log.open_for_append()
+    payloads = [f"frame {i}".encode() * (i + 1) for i in range(50)]
+    for p in payloads:
+        run.log.append(p)
+    run.log.sync()
+    assert [r.payload for r in run.log.records()] == payloads
+    # reading from a record's end continues exactly there
+    recs = list(run.log.records())
+    assert [r.payload for r in run.log.records(recs[10].end)] == payloads[11:]
+    assert mode(spool.root) == mode(spool.runs_dir) == mode(run.dir) == 0o700
+    assert mode(run.log.path) == mode(run.meta_path) == 0o600
+    run.write_uploader(UploaderState(state="live", offset=recs[3].end, uploaded=4))
+    assert mode(run.uploader_path) == 0o600
+    assert run.read_uploader().offset == recs[3].end
+    assert run.read_meta().config == {"a": 1}
+    assert spool.run_ids() == ["r1"]
+
+
+def _log_with(tmp_path, tail: bytes) -> tuple[RunLog, int]:
+    log = RunLog(tmp_path / "frames.log")
+    log.open_for_append()
+    for i in range(3):
+        log.append(b"good %d" % i)
+    log.close()
+    good = log.size()
+    with open(log.path, "ab") as f:
+        f.write(tail)
+    return log, good
+
+
+def test_torn_tails_are_cut(tmp_path):
+    import zlib
+
+    payload = b"x" * 100
+    cases = {
+        "half header": HEADER.pack(100, zlib.crc32(payload))[:5],
+        "half payload": HEADER.pack(100, zlib.crc32(payload)) + payload[:40],
+        "bad crc": HEADER.pack(100, zlib.crc32(payload) ^ 1) + payload,
+        "absurd length": HEADER.pack(0xFFFFFFF0, 0) + b"junk",
+    }
+    for name, tail in cases.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        log, good = _log_with(d, tail)
+        # a reader stops quietly before the tail and never yields it
+        assert [r.payload for r in log.records()] == [b"good 0", b"good 1", b"good 2"], name
+        assert log.repair() == len(tail), name
+        assert log.size() == good, name
+        # and appending after the repair keeps the log framed
+        log.open_for_append()
+        log.append(b"after")
+        log.close()
+        assert [r.payload for r in log.records()][-1] == b"after", name
+
+
+def test_intact_log_is_not_touched(tmp_path):
+    log, good = _log_with(tmp_path, b"")
+    assert log.repair() == 0 and log.size() == good
