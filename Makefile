@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  make demo  (sidecar + tiny trainer, wandb offline)
+#                                   make test  (the whole suite, real processes)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Wall-clock budget for the whole suite (CI allows 90 min; it takes a few).
+TEST_BUDGET ?= 1500
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch resolves to the newest CUDA build (gigabytes)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[sidecar,demo,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	timeout -k 30 $(TEST_BUDGET) $(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) bench/log_latency.py
+
+clean:
+	rm -rf $(VENV) demo-out bench-out *.egg-info
