@@ -1,7 +1,8 @@
 """MetricsClient: what the trainer's step loop calls.
 
-``log()`` checks the values, stamps a sequence number and appends one tuple to
-a bounded deque: a few microseconds, no socket, no lock, no exception. The
+``log()`` checks the values, stamps a sequence number, packs the frame and
+appends it to a bounded deque: a few microseconds, no socket, no lock, no
+exception. The
 ``Transport`` thread does the rest. Non-zero ranks and forked children (e.g.
 DataLoader workers) get an inert client.
 """
@@ -29,6 +30,7 @@ from .transport import Transport
 log = logging.getLogger("kforge_sidecar.client")
 
 _live: "weakref.WeakSet[MetricsClient]" = weakref.WeakSet()
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,17 @@ class MetricsClient:
             if step < 0:
                 raise ValueError(f"step {step} is negative")
             seq = next(self._seq)
-            self._outbox.append((seq, kind, step, time.time(), values))
+            now = time.time()
+            try:
+                frame = protocol.encode_metrics(self._session, seq, step, kind, now, values)
+            except OverflowError:  # an int beyond 64 bits: the one value msgpack refuses
+                for k in [k for k, v in values.items() if type(v) is int and not _INT_MIN <= v <= _UINT_MAX]:
+                    self._drop(k, f"integer {values.pop(k)} does not fit in 64 bits")
+                frame = protocol.encode_metrics(self._session, seq, step, kind, now, values)
+            # Packed here, not in the sender: a (seq, bytes) pair is invisible to the
+            # garbage collector, while a queued dict would make every full
+            # collection of the trainer walk the backlog.
+            self._outbox.append((seq, frame))
             self._last_seq = seq
             self._logged += 1
         except Exception:
@@ -220,7 +232,7 @@ class MetricsClient:
         self._closed = True
         deadline = time.monotonic() + max(timeout, 0.0)
         seq = next(self._seq)
-        self._outbox.append((seq, "close", int(exit_code), 0.0, None))
+        self._outbox.append((seq, protocol.encode(protocol.Close(session=self._session, seq=seq, exit_code=int(exit_code)))))
         self._last_seq = seq
         done = self._transport.wait_acked(seq, timeout)
         self._transport.stop(max(deadline - time.monotonic(), 0.05))

@@ -6,13 +6,19 @@ sending, acks, resends, reconnects — happens here, so the train loop never
 touches a socket.
 
 Delivery is go-back-N over a DEALER socket:
-- every frame has a per-session sequence number and stays in ``inflight``
+- every frame has a per-session sequence number and stays in the window
   until the sidecar acknowledges it as durable;
 - on (re)connect, on a nack, and when acks stop coming (a retransmission
   timeout with exponential backoff), the client says hello again and resends
   everything unacknowledged, oldest first; the sidecar drops duplicates;
 - the buffer is bounded: past ``capacity`` frames the oldest are dropped and
   counted, and the next hello tells the sidecar not to wait for them.
+
+The window holds consecutive sequence numbers only (frames are dropped from
+its old end, never from its middle), so a hello's ``first`` is all the
+sidecar needs to know about drops. It holds packed bytes, not dicts: a
+hundred thousand buffered frames add nothing for the trainer's garbage
+collector to walk.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -31,11 +37,8 @@ from . import protocol
 
 log = logging.getLogger("kforge_sidecar.client")
 
-# An item of the outbox: (seq, kind, step, wall time, values) for metrics,
-# (seq, "close", exit_code, 0.0, None) for the close request.
-OutItem = tuple[int, str, int, float, Any]
-
-_INT64 = (-(2**63), 2**64 - 1)
+# An item of the outbox: (seq, packed frame).
+OutItem = tuple[int, bytes]
 
 
 @dataclass
@@ -52,9 +55,9 @@ class Counters:
 class Transport(threading.Thread):
     RTO_MIN = 2.0  # seconds without ack progress before resending
     RTO_MAX = 30.0
-    BUSY_TICK_MS = 5  # how often a buffered frame is looked at
+    BUSY_TICK_MS = 5  # how often buffered frames are looked at
     IDLE_TICK_MS = 25
-    SEND_BATCH = 2000  # sends per tick, so one tick never holds the GIL long
+    SLICE = 256  # frames packed or sent per tick, so one tick never holds the GIL long
 
     def __init__(
         self,
@@ -77,12 +80,15 @@ class Transport(threading.Thread):
         self._on_fatal = on_fatal
         self._halt = threading.Event()
         self._acked_upto = 0
-        self._sent_upto = 0
         self._ack_cond = threading.Condition()
-        # (seq, frame bytes), oldest first; queued = not yet sent on this connection
-        self._inflight: deque[tuple[int, bytes]] = deque()
-        self._queued: deque[tuple[int, bytes]] = deque()
+        # The window: packed frames with seqs base, base+1, ...; window[:next]
+        # were sent on the current connection and await their ack.
+        self._window: deque[bytes] = deque()
+        self._base = 1
+        self._next = 0
+        self._sent_upto = 0
         self._need_hello = True
+        self._welcomed = False
         self._last_hello = 0.0
         self._last_progress = time.monotonic()
         self._rto = self.RTO_MIN
@@ -93,11 +99,7 @@ class Transport(threading.Thread):
 
     @property
     def buffered(self) -> int:
-        return len(self.outbox) + len(self._queued) + len(self._inflight)
-
-    @property
-    def acked_upto(self) -> int:
-        return self._acked_upto
+        return len(self.outbox) + len(self._window)
 
     def wait_acked(self, seq: int, timeout: float) -> bool:
         """Wait until every frame up to ``seq`` is durable in the sidecar's spool."""
@@ -123,7 +125,7 @@ class Transport(threading.Thread):
         # Bounded close: the trainer must never hang at exit on unsent frames.
         sock.setsockopt(zmq.LINGER, 0)
         # No queueing inside ZeroMQ while disconnected: frames wait in our own
-        # bounded buffer, where they can be counted, dropped and resent.
+        # bounded window, where they can be counted, dropped and resent.
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -134,17 +136,24 @@ class Transport(threading.Thread):
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
+            more = False
             while not self._halt.is_set():
-                busy = self.outbox or self._queued or self._inflight
-                ready = dict(poller.poll(self.BUSY_TICK_MS if busy else self.IDLE_TICK_MS))
+                # poll() releases the GIL. Even with more work waiting, wait a
+                # millisecond: a zero wait re-takes the GIL at once and the train
+                # loop stalls for whole switch intervals (5 ms) behind us.
+                if more:
+                    tick = 1
+                else:
+                    tick = self.BUSY_TICK_MS if (self.outbox or self._window) else self.IDLE_TICK_MS
+                ready = dict(poller.poll(tick))
                 if monitor in ready:
                     self._on_monitor(monitor)
                 if sock in ready:
                     self._receive(sock)
-                self._drain_outbox()
+                more = self._drain_outbox()
                 self._bound()
                 if not self._fatal:
-                    self._send(sock)
+                    more = self._send(sock) or more
         except Exception:  # never let the sender die silently
             log.exception("kforge-sidecar client sender stopped")
         finally:
@@ -179,6 +188,7 @@ class Transport(threading.Thread):
                     log.warning("kforge-sidecar client: unreadable reply from sidecar: %s", exc)
                 continue
             if isinstance(msg, protocol.Welcome):
+                self._welcomed = True
                 self._on_welcome(msg.run_id)
                 self._ack(msg.acked)
             elif isinstance(msg, protocol.Ack):
@@ -204,11 +214,11 @@ class Transport(threading.Thread):
     def _ack(self, seq: int) -> None:
         if seq <= self._acked_upto:
             return
-        n = 0
-        for buf in (self._inflight, self._queued):
-            while buf and buf[0][0] <= seq:
-                buf.popleft()
-                n += 1
+        n = min(max(0, seq - self._base + 1), len(self._window))
+        for _ in range(n):
+            self._window.popleft()
+        self._base += n
+        self._next = max(0, self._next - n)
         self.counters.acked += n
         with self._ack_cond:
             self._acked_upto = seq
@@ -218,90 +228,83 @@ class Transport(threading.Thread):
 
     def _rewind(self) -> None:
         """Resend everything unacknowledged, after a fresh hello."""
-        if self._inflight:
-            self.counters.resent += len(self._inflight)
-            self._queued.extendleft(reversed(self._inflight))
-            self._inflight.clear()
+        self.counters.resent += self._next
+        self._next = 0
         self._need_hello = True
+        self._welcomed = False
         self._last_progress = time.monotonic()
 
-    def _drain_outbox(self) -> None:
+    def _drain_outbox(self) -> bool:
+        """Move up to SLICE frames from the outbox into the window; True if more wait."""
         c = self.counters
-        while self.outbox:
-            seq, kind, step, ts, values = self.outbox.popleft()
-            if seq != c.highest_seen + 1:  # the deque's maxlen pushed the oldest out
-                self._count_drop(seq - c.highest_seen - 1)
+        for _ in range(self.SLICE):
+            if not self.outbox:
+                return False
+            seq, frame = self.outbox.popleft()
+            if seq != self._base + len(self._window):
+                # The outbox's maxlen pushed frames out: the window must stay
+                # consecutive, so what it holds (older still) goes too.
+                self._drop_oldest(len(self._window) + seq - c.highest_seen - 1)
+                self._base = seq
             c.highest_seen = seq
-            frame = self._pack(seq, kind, step, ts, values)
-            if frame is not None:
-                self._queued.append((seq, frame))
-
-    def _pack(self, seq: int, kind: str, step: int, ts: float, values: Any) -> bytes | None:
-        session = self.session
-        if kind == "close":
-            return protocol.encode(protocol.Close(session=session, seq=seq, exit_code=step))
-        try:
-            return protocol.encode_metrics(session, seq, step, kind, ts, values)
-        except (OverflowError, TypeError, ValueError):
-            bad = [k for k, v in values.items() if type(v) is int and not _INT64[0] <= v <= _INT64[1]]
-            for k in bad:
-                log.warning("kforge-sidecar client: dropping %r=%r at step %d: integer out of range", k, values[k], step)
-            try:
-                return protocol.encode_metrics(session, seq, step, kind, ts, {k: v for k, v in values.items() if k not in bad})
-            except (OverflowError, TypeError, ValueError) as exc:
-                log.warning("kforge-sidecar client: dropping step %d: cannot encode (%s)", step, exc)
-                self._count_drop(1)
-                return None
+            self._window.append(frame)
+        return bool(self.outbox)
 
     def _bound(self) -> None:
-        over = len(self._inflight) + len(self._queued) - self.capacity
-        if over <= 0:
+        over = len(self._window) - self.capacity
+        if over > 0:
+            self._drop_oldest(over)
+
+    def _drop_oldest(self, n: int) -> None:
+        """Count ``n`` frames as lost, taking as many of them as it holds off the window's old end."""
+        k = min(n, len(self._window))
+        for _ in range(k):
+            self._window.popleft()
+        self._base += k
+        self._next = max(0, self._next - k)
+        if n <= 0:
             return
-        for buf in (self._inflight, self._queued):
-            while over > 0 and buf:
-                buf.popleft()
-                over -= 1
-                self._count_drop(1)
+        self.counters.dropped += n
         # The sidecar must learn not to wait for the dropped frames.
         self._need_hello = True
-
-    def _count_drop(self, n: int) -> None:
-        self.counters.dropped += n
         if not self._warned_drop:
             self._warned_drop = True
             log.warning(
-                "kforge-sidecar client: buffer full (%d frames) or frames unencodable; dropping the "
-                "oldest. Training is unaffected; MetricsClient.stats() counts what was dropped.",
+                "kforge-sidecar client: buffer full (%d frames); dropping the oldest. "
+                "Training is unaffected; MetricsClient.stats() counts what was dropped.",
                 self.capacity,
             )
 
-    def _send(self, sock: zmq.Socket) -> None:
+    def _send(self, sock: zmq.Socket) -> bool:
+        """Send up to SLICE frames; True if more could be sent right away."""
         now = time.monotonic()
-        if self._inflight and now - self._last_progress > self._rto:
-            log.debug("kforge-sidecar client: no ack for %.1fs; resending %d frames", self._rto, len(self._inflight))
+        if self._next and now - self._last_progress > self._rto:
+            log.debug("kforge-sidecar client: no ack for %.1fs; resending %d frames", self._rto, self._next)
             self._rewind()
             self._rto = min(self._rto * 2, self.RTO_MAX)
+        elif not self._welcomed and not self._need_hello and now - self._last_hello > self.RTO_MIN:
+            self._need_hello = True  # the hello or its answer was lost: say it again
         if self._need_hello:
             if now - self._last_hello < 0.2:
-                return
-            first = (self._inflight or self._queued or [(self.counters.highest_seen + 1, b"")])[0][0]
+                return False
+            first = self._base if self._window else self.counters.highest_seen + 1
             try:
                 sock.send(protocol.encode(self._hello(first)), zmq.NOBLOCK)
             except zmq.Again:  # not connected yet
-                return
+                return False
             self._last_hello = now
             self._need_hello = False
-        c = self.counters
-        for _ in range(self.SEND_BATCH):
-            if not self._queued:
-                break
-            seq, frame = self._queued[0]
+        window = self._window
+        for _ in range(self.SLICE):
+            if self._next >= len(window):
+                return False
             try:
-                sock.send(frame, zmq.NOBLOCK)
+                sock.send(window[self._next], zmq.NOBLOCK)
             except zmq.Again:  # disconnected, or the sidecar is not reading
-                break
-            self._queued.popleft()
-            self._inflight.append((seq, frame))
+                return False
+            self._next += 1
+            seq = self._base + self._next - 1
             if seq > self._sent_upto:
                 self._sent_upto = seq
-                c.sent += 1
+                self.counters.sent += 1
+        return self._next < len(window)

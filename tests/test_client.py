@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import MetricsClient
+from client import MetricsClient, protocol
 from conftest import wait_for
 
 
@@ -46,14 +46,18 @@ def test_value_coercion_and_dropping(nowhere, caplog):
                 step=np.int64(step),
             )  # fmt: skip
     assert mc._outbox, "frames were queued"
-    seq, kind, step, _, values = mc._outbox[0]
-    assert (seq, kind, step) == (1, "train", 0) and type(step) is int
+    seq, raw = mc._outbox[0]
+    frame = protocol.decode_request(raw)  # what the sidecar will see
+    assert (seq, frame.seq, frame.kind, frame.step) == (1, 1, "train", 0)
+    values = frame.values
     assert values == {"py": 1.5, "int": 3, "bool": True, "np64": 0.25, "np32": 0.5, "npint": 7,
                       "np0d": 2.5, "t0d": 0.125, "tint": 4}  # fmt: skip
     assert all(type(v) in (int, float, bool) for v in values.values())
     dropped = [r.getMessage() for r in caplog.records if "dropping metric" in r.getMessage()]
     assert len(dropped) == 4, dropped  # one warning per key, not per call
     assert mc.stats().dropped_values == 12
+    mc.log({"huge": 2**70, "ok": 1.0}, step=5)  # msgpack cannot hold it: dropped, the rest kept
+    assert protocol.decode_request(mc._outbox[-1][1]).values == {"ok": 1.0}
     mc.close(timeout=0.2)
 
 

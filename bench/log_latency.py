@@ -1,0 +1,226 @@
+"""How much does one log() call cost the train loop?
+
+    make bench              (or: python bench/log_latency.py [--calls N])
+
+Times each call of the 14-key KempnerForge metric dict (the seed's
+MetricsTracker._log_step) with time.perf_counter_ns, in a tight loop, in
+these scenarios, each in a fresh process:
+
+  floor        raw ZeroMQ + msgpack: packb(dict) and a NOBLOCK send on a
+               connected PUSH socket (a sink process drains it)
+  healthy      MetricsClient.log against a running kforge-sidecar (wandb offline)
+  no-sidecar   MetricsClient.log with nothing listening (frames buffer, then drop)
+  in-process   the seed's pattern: wandb.log(d, step=...) in the trainer, offline
+
+Prints median, p99 and max per scenario plus each process's peak RSS, and
+writes bench-out/log_latency.json. A tight loop is the worst case for the
+client (its sender thread competes for the GIL on every tick); a real step
+loop calls log() once per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCENARIOS = ("floor", "healthy", "no-sidecar", "in-process")
+
+
+def metrics(step: int) -> dict[str, float]:
+    loss = 11.0 / (1.0 + 0.01 * step)
+    return {
+        "train/loss": loss, "train/grad_norm": 1.1, "train/lr": 3e-4, "train/tokens_per_sec": 1.2e5,
+        "train/mfu": 0.41, "train/step_time_sec": 0.5, "gpu/allocated_gb": 10.5, "gpu/peak_gb": 12.25,
+        "gpu/reserved_gb": 14.0, "gpu/mem_utilization": 0.75, "smoothed/loss": loss,
+        "smoothed/tokens_per_sec": 1.19e5, "smoothed/mfu": 0.4, "smoothed/step_time": 0.51,
+    }  # fmt: skip
+
+
+def timed(call, calls: int, warmup: int = 2000) -> list[int]:
+    # values vary per step, as in training; the dicts are built outside the timed region
+    dicts = [metrics(i) for i in range(1000)]
+    for i in range(warmup):
+        call(dicts[i % 1000], i)
+    out = [0] * calls
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        d = dicts[i % 1000]
+        t0 = clock()
+        call(d, warmup + i)
+        out[i] = clock() - t0
+    return out
+
+
+def summarize(ns: list[int]) -> dict[str, float]:
+    ns = sorted(ns)
+    return {
+        "calls": len(ns),
+        "median_us": statistics.median(ns) / 1000,
+        "p99_us": ns[int(len(ns) * 0.99) - 1] / 1000,
+        "max_us": ns[-1] / 1000,
+    }
+
+
+# ------------------------------------------------------------------ scenarios (child side)
+
+
+def run_floor(calls: int, work: Path) -> list[int]:
+    import msgpack
+    import zmq
+
+    addr = f"ipc://{work}/floor.sock"
+    sink = subprocess.Popen([sys.executable, __file__, "--sink", addr])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.connect(addr)
+    time.sleep(0.5)
+
+    def call(d: dict, step: int) -> None:
+        try:
+            sock.send(msgpack.packb({"step": step, "values": d}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    try:
+        return timed(call, calls)
+    finally:
+        sock.close()
+        ctx.term()
+        sink.kill()
+        sink.wait()
+
+
+def run_sink(addr: str) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(addr)
+    while True:
+        sock.recv()
+
+
+def run_client(calls: int, work: Path, with_sidecar: bool) -> list[int]:
+    from client import MetricsClient
+
+    addr = f"ipc://{work}/sock/sidecar.sock"
+    sidecar = None
+    if with_sidecar:
+        env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(work), WANDB_SILENT="true")
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve", "--address", addr, "--spool-dir", str(work / "spool"),
+             "--log-level", "WARNING"],
+            env=env, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+    mc = MetricsClient(address=addr, name="bench", buffer_size=max(calls, 100_000))
+    try:
+        if with_sidecar:
+            assert mc.wait_run_id(30), "sidecar did not answer"
+        lat = timed(mc.log, calls)
+        if with_sidecar:
+            ok = mc.close(timeout=120)
+            s = mc.stats()
+            print(f"  healthy: close ok={ok}, stats={s}", file=sys.stderr)
+        else:
+            mc.close(timeout=0.1)
+        return lat
+    finally:
+        if sidecar is not None:
+            sidecar.send_signal(signal.SIGTERM)
+            try:
+                sidecar.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(sidecar.pid, signal.SIGKILL)
+                sidecar.wait()
+
+
+def run_in_process(calls: int, work: Path) -> list[int]:
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(work), WANDB_SILENT="true")
+    import wandb
+
+    run = wandb.init(project="bench", name="in-process", settings=wandb.Settings(console="off", x_disable_stats=True))
+    try:
+        return timed(lambda d, step: run.log(d, step=step), calls)
+    finally:
+        run.finish()
+
+
+def child(scenario: str, calls: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="kfs-bench-"))
+    try:
+        if scenario == "floor":
+            lat = run_floor(calls, work)
+        elif scenario == "healthy":
+            lat = run_client(calls, work, with_sidecar=True)
+        elif scenario == "no-sidecar":
+            lat = run_client(calls, work, with_sidecar=False)
+        else:
+            lat = run_in_process(calls, work)
+        result = summarize(lat) | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ driver
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=100_000)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "log_latency.json")
+    p.add_argument("--child", choices=SCENARIOS)
+    p.add_argument("--sink")
+    a = p.parse_args()
+    if a.sink:
+        run_sink(a.sink)
+        return 0
+    if a.child:
+        child(a.child, a.calls)
+        return 0
+
+    results: dict[str, dict] = {}
+    for name in a.scenarios.split(","):
+        print(f"running {name} ({a.calls} calls)...", file=sys.stderr, flush=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--calls", str(a.calls)],
+            capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        sys.stderr.write(r.stderr[-2000:])
+        if r.returncode != 0:
+            print(f"{name} failed", file=sys.stderr)
+            return 1
+        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+
+    print(f"\nlog() latency, 14-key dict, {a.calls} calls each (µs)")
+    print(f"{'scenario':<12} {'median':>8} {'p99':>8} {'max':>9} {'peak RSS MB':>12}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['median_us']:>8.2f} {r['p99_us']:>8.2f} {r['max_us']:>9.1f} {r['peak_rss_mb']:>12.0f}")
+    if {"floor", "healthy", "in-process"} <= results.keys():
+        f, h, w = results["floor"], results["healthy"], results["in-process"]
+        print(f"\nhealthy p99 / floor p99       = {h['p99_us'] / f['p99_us']:.2f}  (target <= 3)")
+        print(f"in-process p99 / healthy p99  = {w['p99_us'] / h['p99_us']:.1f}  (target >= 10)")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"calls": a.calls, "python": sys.version.split()[0], "results": results}, indent=2))
+    print(f"\nwritten to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
