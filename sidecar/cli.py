@@ -76,6 +76,10 @@ def serve(
     init_timeout: float = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take."),
     finish_timeout: float = typer.Option(60.0, "--finish-timeout", help="Seconds wandb finish may take."),
     commit_interval_ms: float = typer.Option(5.0, "--commit-interval-ms", help="Group commit: at most one fsync per run per interval."),
+    heartbeat_timeout: float = typer.Option(30.0, "--heartbeat-timeout", help="Kill and restart an uploader silent this long (wedged wandb)."),
+    retry_backoff: float = typer.Option(2.0, "--retry-backoff", help="First delay before a failed upload is retried; doubles per failure."),
+    retry_backoff_max: float = typer.Option(60.0, "--retry-backoff-max", help="Longest delay between upload retries."),
+    flush_interval: float = typer.Option(1.0, "--wandb-flush-interval", help="wandb-core's transaction log flush interval (bounds replays after a kill)."),
 ) -> None:
     """Serve metrics clients: spool every frame, upload to wandb from one process per run."""
     from .server import serve as run_server
@@ -89,6 +93,10 @@ def serve(
         init_timeout=init_timeout,
         finish_timeout=finish_timeout,
         commit_interval=commit_interval_ms / 1000.0,
+        heartbeat_timeout=heartbeat_timeout,
+        retry_backoff=retry_backoff,
+        retry_backoff_max=retry_backoff_max,
+        flush_interval=flush_interval,
     )
     raise typer.Exit(run_server(cfg))
 

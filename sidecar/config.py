@@ -17,4 +17,8 @@ class ServeConfig:
     drain_timeout: float = 30.0  # SIGTERM/stop: how long uploaders get to hand wandb what is spooled
     init_timeout: float = 60.0  # wandb.init, per attempt
     finish_timeout: float = 60.0  # wandb finish
+    flush_interval: float = 1.0  # wandb-core's transaction log flush; bounds replays after a kill
+    heartbeat_timeout: float = 30.0  # an uploader silent this long (outside init/finish) is wedged
+    retry_backoff: float = 2.0  # first delay before a failed uploader is started again
+    retry_backoff_max: float = 60.0
     limits: Limits = field(default=DEFAULT_LIMITS)

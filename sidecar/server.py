@@ -22,7 +22,7 @@ import zmq
 from client.address import SocketDirError, ensure_socket_dir, ipc_path
 
 from .config import ServeConfig
-from .receiver import Receiver
+from .receiver import Receiver, RunState
 from .spool import Spool
 from .status import run_status
 from .supervisor import Supervisor
@@ -107,6 +107,8 @@ class Server:
         sock = self._bind(ctx)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        # A file-size limit (ulimit -f) is a full disk for us: an error to report, not death.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         log.info("serving on %s (spool %s, pid %d)", self.cfg.address, self.spool.root, os.getpid())
         try:
             self._loop(sock)
@@ -171,11 +173,19 @@ class Server:
                 "disk_error": self.receiver.disk_error,
                 "stopping": self.stopping,
             },
-            "runs": [
-                run_status(run, self.supervisor.states.get(run_id) or run.spool.read_uploader(), run_id in self.supervisor.workers)
-                for run_id, run in sorted(self.receiver.runs.items())
-            ],
+            "runs": [self._run_status(run_id, run) for run_id, run in sorted(self.receiver.runs.items())],
         }
+
+    def _run_status(self, run_id: str, run: RunState) -> dict:
+        sup = self.supervisor
+        worker = sup.workers.get(run_id)
+        return run_status(
+            run,
+            sup.states.get(run_id) or run.spool.read_uploader(),
+            uploader_pid=worker.proc.pid if worker else None,
+            retry_in=sup.retry_in(run_id),
+            restarts=sup.restarts.get(run_id, 0),
+        )
 
     def _release(self) -> None:
         if self._sock_path is not None and self._lock_fd is not None:

@@ -45,13 +45,17 @@ def default_spool_dir() -> Path:
     return Path(state) / "kforge-sidecar" / "spool"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Replace ``path`` with ``obj`` as JSON: readers see the old or the new file, never half."""
+def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:
+    """Replace ``path`` with ``obj`` as JSON: readers see the old or the new file, never half.
+
+    ``durable=False`` skips the fsync: after a machine crash the old version may come back.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, json.dumps(obj, separators=(",", ":")).encode())
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -85,14 +89,16 @@ class UploaderState:
     """The uploader's cursor and health. ``offset`` is a byte offset into frames.log
     up to which every record has been handed to wandb."""
 
-    state: str = "waiting"  # waiting, initializing, live, failed, finished
-    offset: int = 0
-    uploaded: int = 0  # metrics frames handed to wandb
+    state: str = "waiting"  # waiting, initializing, live, retrying, failed, finished
+    offset: int = 0  # the restart point: everything before it is kept by wandb
+    trusted: int = 0  # metrics frames before ``offset``
+    uploaded: int = 0  # metrics frames handed to wandb (>= trusted)
     last_step: int | None = None
     error: str | None = None
     wandb_dir: str | None = None  # where wandb keeps the run's files
     pid: int | None = None
-    updated: float = 0.0
+    updated: float = 0.0  # the heartbeat: wall time of the last write
+    busy_until: float | None = None  # inside init/finish: no heartbeat expected until then
 
 
 @dataclass
@@ -219,8 +225,10 @@ class RunSpool:
         return _from_dict(UploaderState, data) if data else UploaderState()
 
     def write_uploader(self, state: UploaderState) -> None:
+        # Rewritten twice a second as a heartbeat: no fsync. A cursor that goes
+        # back after a machine crash only replays frames, it never skips any.
         state.updated = time.time()
-        write_json_atomic(self.uploader_path, asdict(state))
+        write_json_atomic(self.uploader_path, asdict(state), durable=False)
 
 
 class Spool:

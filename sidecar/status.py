@@ -14,7 +14,13 @@ from .receiver import RunState
 from .spool import TRUSTED_LIMITS, Spool, UploaderState
 
 
-def run_status(run: RunState, up: UploaderState, uploader_running: bool) -> dict[str, Any]:
+def run_status(
+    run: RunState,
+    up: UploaderState,
+    uploader_pid: int | None = None,
+    retry_in: float | None = None,
+    restarts: int = 0,
+) -> dict[str, Any]:
     state = up.state
     if state == "finished" and not run.closed:
         state = "waiting"  # re-opened by a resumed session
@@ -30,7 +36,9 @@ def run_status(run: RunState, up: UploaderState, uploader_running: bool) -> dict
         "closed": run.closed,
         "exit_code": run.exit_code,
         "client_dropped": run.client_dropped,
-        "uploader_running": uploader_running,
+        "uploader_pid": uploader_pid,
+        "uploader_restarts": restarts,
+        "retry_in": retry_in,
         "last_error": up.error,
         "wandb_dir": up.wandb_dir,
         "spool": str(run.spool.dir),
@@ -58,7 +66,7 @@ def offline_status(spool: Spool) -> dict[str, Any]:
                 run.closed, run.exit_code = True, msg.exit_code
             elif isinstance(msg, protocol.Hello):
                 run.closed, run.exit_code = False, None
-        runs.append(run_status(run, rs.read_uploader(), False))
+        runs.append(run_status(run, rs.read_uploader()))
     return {"sidecar": None, "spool_dir": str(spool.root), "runs": runs}
 
 
@@ -97,7 +105,8 @@ def format_status(body: dict[str, Any]) -> str:
         lines.append("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
     for r in runs:
         if r["last_error"]:
-            lines.append(f"{r['run_id']}: {r['last_error']}")
+            retry = f" (next attempt in {r['retry_in']:.0f}s)" if r.get("retry_in") else ""
+            lines.append(f"{r['run_id']}: {r['last_error']}{retry}")
         if r["wandb_dir"]:
             lines.append(f"{r['run_id']}: wandb files in {r['wandb_dir']}")
     return "\n".join(lines)

@@ -1,40 +1,44 @@
 """The supervisor: one uploader process per run, started on demand and watched.
 
 Like an arbiter of worker processes: it spawns an uploader when a run has
-frames that wandb has not seen, reaps it when it exits, restarts it with
-exponential backoff when it crashed, and on drain sends SIGTERM, waits up to
-the drain deadline, then SIGKILLs what is left. A run whose uploader entered
-the failure sentinel ("failed") is not restarted.
+frames that wandb has not kept yet, reaps it when it exits, restarts it with
+exponential backoff when it crashed or hit a transient failure, kills it when
+its heartbeat stops (wandb-core can block ``run.log`` forever), and on drain
+sends SIGTERM, waits up to the drain deadline, then kills what is left.
+A run whose uploader entered the failure sentinel ("failed") is left alone.
+
+Each uploader leads its own process group, so a kill takes its wandb-core
+with it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import ServeConfig
 from .receiver import RunState
 from .spool import UploaderState
+from .uploader import EXIT_RETRY
 
 log = logging.getLogger("kforge_sidecar.supervisor")
-
-BACKOFF_MAX = 60.0
 
 
 @dataclass
 class Worker:
     proc: subprocess.Popen
-    started: float
+    started: float  # wall time
 
 
 @dataclass
 class Backoff:
     failures: int = 0
-    not_before: float = 0.0
+    not_before: float = 0.0  # monotonic
 
 
 class Supervisor:
@@ -42,20 +46,29 @@ class Supervisor:
         self.cfg = cfg
         self.workers: dict[str, Worker] = {}
         self.states: dict[str, UploaderState] = {}  # the last uploader.json seen per run
-        self._backoff: dict[str, Backoff] = {}
+        self.backoff: dict[str, Backoff] = {}
+        self.restarts: dict[str, int] = {}
 
-    def tick(self, runs: dict[str, RunState]) -> None:
+    def tick(self, runs: dict[str, RunState], spawn: bool = True) -> None:
         now = time.monotonic()
         self._reap(now)
         for run_id, run in runs.items():
             st = self.states[run_id] = run.spool.read_uploader()
-            if run_id in self.workers or st.state == "failed":
+            w = self.workers.get(run_id)
+            if w is not None:
+                self._check_heartbeat(run_id, w, st)
                 continue
-            if now < self._backoff.get(run_id, Backoff()).not_before:
+            if not spawn or st.state == "failed" or now < self.backoff.get(run_id, Backoff()).not_before:
                 continue
-            pending = run.received > st.uploaded or (run.closed and st.state != "finished")
-            if pending:
+            if run.received > st.trusted or (run.closed and st.state != "finished"):
                 self._spawn(run_id, run)
+
+    def retry_in(self, run_id: str) -> float | None:
+        b = self.backoff.get(run_id)
+        if b is None or run_id in self.workers:
+            return None
+        left = b.not_before - time.monotonic()
+        return round(left, 1) if left > 0 else None
 
     def _spawn(self, run_id: str, run: RunState) -> None:
         cmd = [
@@ -63,12 +76,33 @@ class Supervisor:
             "--run-dir", str(run.spool.dir),
             "--init-timeout", str(self.cfg.init_timeout),
             "--finish-timeout", str(self.cfg.finish_timeout),
+            "--flush-interval", str(self.cfg.flush_interval),
+            "--drain-timeout", str(self.cfg.drain_timeout),
             "--log-level", self.cfg.log_level,
         ]  # fmt: skip
         # wandb's own settings (WANDB_MODE, WANDB_DIR, WANDB_API_KEY, ...) pass through in the environment.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
-        self.workers[run_id] = Worker(proc, time.monotonic())
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+            start_new_session=True,
+            # SIGTERM waits (blocked, pending) until the uploader has its handler:
+            # a drain right after a spawn must not kill it outright.
+            preexec_fn=_block_sigterm,
+        )
+        self.workers[run_id] = Worker(proc, time.time())
         log.info("run %s: uploader started (pid %d)", run_id, proc.pid)
+
+    def _check_heartbeat(self, run_id: str, w: Worker, st: UploaderState) -> None:
+        now = time.time()
+        last = max(st.updated if st.pid == w.proc.pid else 0.0, w.started)
+        allowed = max(last + self.cfg.heartbeat_timeout, st.busy_until or 0.0)
+        if now > allowed and w.proc.poll() is None:
+            log.error(
+                "run %s: uploader pid %d is wedged (no heartbeat for %.0fs); killing it and restarting from the cursor",
+                run_id, w.proc.pid, now - last,
+            )  # fmt: skip
+            _kill_group(w.proc)
 
     def _reap(self, now: float) -> None:
         for run_id, w in list(self.workers.items()):
@@ -76,18 +110,21 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[run_id]
-            b = self._backoff.setdefault(run_id, Backoff())
+            b = self.backoff.setdefault(run_id, Backoff())
+            _kill_group(w.proc)  # its wandb-core, if it outlived it
             if code == 0:
                 b.failures = 0
                 log.debug("run %s: uploader exited", run_id)
                 continue
             b.failures += 1
-            delay = min(BACKOFF_MAX, 2.0 ** (b.failures - 1))
+            self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
+            delay = min(self.cfg.retry_backoff_max, self.cfg.retry_backoff * 2 ** (b.failures - 1))
             b.not_before = now + delay
-            log.warning("run %s: uploader exited with code %d; restarting in %.0fs", run_id, code, delay)
+            why = "will retry" if code == EXIT_RETRY else f"exited with code {code}"
+            log.warning("run %s: uploader %s; next attempt in %.1fs", run_id, why, delay)
 
     def drain(self, timeout: float) -> None:
-        """SIGTERM every uploader, wait up to ``timeout``, SIGKILL the rest."""
+        """SIGTERM every uploader, wait up to ``timeout``, kill the rest."""
         for w in self.workers.values():
             w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -96,6 +133,17 @@ class Supervisor:
             time.sleep(0.05)
         for run_id, w in self.workers.items():
             log.error("run %s: uploader did not drain within %.0fs; killing it (frames stay in the spool)", run_id, timeout)
-            w.proc.kill()
+            _kill_group(w.proc)
             w.proc.wait()
         self.workers.clear()
+
+
+def _block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,39 +1,64 @@
 """The uploader: one process per run, the only code that imports wandb.
 
 Started and watched by the sidecar's supervisor as
-``python -m sidecar.uploader --run-dir <spool>/runs/<run_id>``. It reads the
-run's frames.log from its cursor, calls ``wandb.init`` lazily on the first
-metrics frame, logs every frame, and advances the cursor in uploader.json.
-A close frame finishes the run. wandb can wedge this process; that is why it
-is a process: the sidecar kills it and the other runs never notice.
+``python -m sidecar.uploader --run-dir <spool>/runs/<run_id>`` (and run
+in-process by ``kforge-sidecar sync``). It reads the run's frames.log from
+its cursor, calls ``wandb.init`` lazily on the first metrics frame, logs every
+frame, and advances the cursor in uploader.json. A close frame finishes the
+run. wandb can wedge this process; that is why it is a process: the sidecar
+kills it when its heartbeat stops, and the other runs never notice.
 
-Exit codes: 0 done (finished, failed for good, or drained), 1 wandb broke
-mid-run (the supervisor restarts it), 3 another uploader holds the run.
+The cursor only moves past what wandb has really kept:
+- offline, wandb-core writes its transaction log every
+  ``x_transaction_log_flush_interval`` seconds (we set it low), so a frame
+  counts once it was handed to wandb longer ago than that, plus a margin;
+- online, a frame counts once ``finish`` returned: a restart replays the rest,
+  and wandb itself drops the steps the server already has on resume.
+A hard kill therefore never loses frames, and replays at most a few seconds.
+
+Exit codes: 0 done (finished, failed for good, or drained); 75 a transient
+failure (backend unreachable, 5xx, finish timed out): the supervisor starts a
+fresh process after a backoff, since wandb cannot re-init the same run ID in
+one process; 1 crashed (also restarted); 3 another uploader holds the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import logging
 import os
+import re
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from client import protocol
-from client.protocol import Close, Hello, Metrics
+from client.protocol import Close, Metrics
 
-from .spool import TRUSTED_LIMITS, RunSpool
+from .spool import TRUSTED_LIMITS, RunMeta, RunSpool
 
 log = logging.getLogger("kforge_sidecar.uploader")
 
 EXIT_DONE = 0
 EXIT_CRASHED = 1
 EXIT_LOCKED = 3
+EXIT_RETRY = 75  # EX_TEMPFAIL
+
+# Failures that no retry can fix: the sentinel, not a retry loop.
+_PERMANENT = re.compile(
+    r"\b(401|403)\b|not logged in|api[ _-]?key|unauthori[sz]ed|forbidden|permission denied|not installed",
+    re.IGNORECASE,
+)
+
+
+class Transient(Exception):
+    """A failure a later attempt in a fresh process may not meet."""
 
 
 @dataclass(frozen=True)
@@ -41,22 +66,33 @@ class UploaderConfig:
     run_dir: Path
     init_timeout: float = 60.0
     finish_timeout: float = 60.0
+    flush_interval: float = 1.0  # wandb-core's transaction log flush (its default is 15 s)
     poll_interval: float = 0.05
-    state_interval: float = 0.5  # how often the cursor is written while busy
+    heartbeat: float = 0.5  # how often uploader.json is rewritten, busy or idle
+    drain_timeout: float = 30.0
+    sync: bool = False  # kforge-sidecar sync: retry a failed run, stop at the end of the log
 
 
 class Uploader:
-    def __init__(self, cfg: UploaderConfig):
+    def __init__(self, cfg: UploaderConfig, progress: Callable[[int], None] | None = None):
         self.cfg = cfg
         self.spool = RunSpool(cfg.run_dir)
         self.state = self.spool.read_uploader()
         self.run: Any = None  # the wandb run, once initialised
+        self.offline = True
         self.draining = False
+        self._progress = progress
         self._parent = os.getppid()
-        self._last_state_write = 0.0
+        self._last_save = 0.0
+        # (monotonic time, offset, frames, last step) when frames were handed to wandb
+        self._handed: deque[tuple[float, int, int, int | None]] = deque()
+        self._handed_offset = self.state.offset
+        self._drain_deadline: float | None = None
 
     def stop(self, *_: Any) -> None:
+        """SIGTERM: hand wandb what is spooled within half the drain time, then finish."""
         self.draining = True
+        self._drain_deadline = time.monotonic() + self.cfg.drain_timeout / 2
 
     # ---------------------------------------------------------------- main loop
 
@@ -65,45 +101,64 @@ class Uploader:
         if meta is None:
             log.error("run %s: no meta.json in %s", self.spool.run_id, self.spool.dir)
             return EXIT_DONE
-        if self.state.state == "failed":
+        if self.state.state == "failed" and not self.cfg.sync:
             log.info("run %s: failed earlier (%s); not retrying", meta.run_id, self.state.error)
             return EXIT_DONE
         self.state.pid = os.getpid()
-        if self.state.state == "finished":
-            self.state.state = "waiting"  # re-opened by a resumed session
+        self.state.uploaded = self.state.trusted
+        if self.state.state in ("finished", "failed", "retrying"):
+            self.state.state = "waiting"  # re-opened by a resumed session, or retried
         self._save(force=True)
-        while True:
-            draining = self.draining or os.getppid() != self._parent
-            for rec in self.spool.log.records(self.state.offset):
-                msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
-                if isinstance(msg, Metrics):
-                    if self.run is None and not self._init(meta):
+        try:
+            while True:
+                draining = self.draining or self.cfg.sync or os.getppid() != self._parent
+                for rec in self.spool.log.records(self._handed_offset):
+                    msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+                    if isinstance(msg, Metrics):
+                        if self.run is None and not self._init(meta):
+                            return EXIT_DONE
+                        if msg.values:
+                            self.run.log(msg.values, step=msg.step)
+                        self.state.uploaded += 1
+                        self.state.last_step = msg.step
+                        self._handed.append((time.monotonic(), rec.end, self.state.uploaded, msg.step))
+                        if self._progress:
+                            self._progress(1)
+                    elif isinstance(msg, Close):
+                        self._handed_offset = rec.end
+                        self._finish(msg.exit_code)
                         return EXIT_DONE
-                    self.run.log(msg.values, step=msg.step)
-                    self.state.uploaded += 1
-                    self.state.last_step = msg.step
-                elif isinstance(msg, Close):
-                    self.state.offset = rec.end
-                    self._finish(msg.exit_code)
-                    return EXIT_DONE
-                elif isinstance(msg, Hello):
-                    pass
-                self.state.offset = rec.end
+                    self._handed_offset = rec.end
+                    self._save()
+                    if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                        log.warning("run %s: drain time is up; the rest stays in the spool", self.spool.run_id)
+                        break  # keep the rest of the deadline for finish()
                 self._save()
+                if draining:
+                    # The job is ending, the sidecar is gone, or sync reached the
+                    # end: hand wandb what we have and stop. Frames that arrive
+                    # later stay in the spool for the next uploader.
+                    if self.run is not None:
+                        self._finish(None)
+                    else:
+                        self._trust_all()
+                        self._save(force=True)
+                    return EXIT_DONE
+                time.sleep(self.cfg.poll_interval)
+        except Transient as exc:
+            self.state.state = "retrying"
+            self.state.error = str(exc)
             self._save(force=True)
-            if draining:
-                # The job is ending or the sidecar is gone: hand wandb what we
-                # have and stop. Frames that arrive later stay in the spool.
-                if self.run is not None:
-                    self._finish(None)
-                return EXIT_DONE
-            time.sleep(self.cfg.poll_interval)
+            log.warning("run %s: %s; a fresh uploader will retry", self.spool.run_id, exc)
+            return EXIT_RETRY
 
     # ---------------------------------------------------------------- wandb
 
-    def _init(self, meta: Any) -> bool:
-        """Lazy wandb.init. On failure: the failure sentinel (no more tries) and False."""
+    def _init(self, meta: RunMeta) -> bool:
+        """Lazy wandb.init. A permanent failure enters the sentinel and returns False;
+        a transient one raises Transient."""
         self.state.state = "initializing"
+        self.state.busy_until = time.time() + self.cfg.init_timeout + 30
         self._save(force=True)
         try:
             import wandb
@@ -113,6 +168,7 @@ class Uploader:
             init_timeout=self.cfg.init_timeout,
             finish_timeout=self.cfg.finish_timeout,
             finish_timeout_raises=True,
+            x_transaction_log_flush_interval=self.cfg.flush_interval,
             console="off",  # the uploader's own output is not the trainer's
             x_disable_stats=True,  # this process's CPU and memory are not the job's
             silent=True,
@@ -128,7 +184,13 @@ class Uploader:
                 settings=settings,
             )
         except Exception as exc:  # wandb.errors.Error and whatever its backend raises
-            return self._sentinel(f"WandB init failed: {type(exc).__name__}: {exc}")
+            reason = f"WandB init failed: {type(exc).__name__}: {exc}"
+            if _permanent(exc):
+                return self._sentinel(reason)
+            raise Transient(" ".join(reason.split())[:500]) from None
+        finally:
+            self.state.busy_until = None
+        self.offline = bool(getattr(self.run.settings, "_offline", False))
         self.state.state = "live"
         self.state.error = None
         self.state.wandb_dir = str(Path(self.run.dir).parent)
@@ -145,13 +207,20 @@ class Uploader:
         return False
 
     def _finish(self, exit_code: int | None) -> None:
+        """finish() bounded by finish_timeout; on success everything handed is kept."""
         if self.run is not None:
+            self.state.busy_until = time.time() + self.cfg.finish_timeout + 30
+            self._save(force=True)
             try:
                 self.run.finish(exit_code=exit_code if exit_code is not None else 0)
             except Exception as exc:
-                self.state.error = f"wandb finish failed: {type(exc).__name__}: {exc}"
-                log.error("run %s: %s", self.spool.run_id, self.state.error)
+                # A stalled backend: what wandb did not confirm is replayed by a
+                # fresh uploader later (wandb drops steps the server already has).
+                raise Transient(f"wandb finish failed: {type(exc).__name__}: {exc}") from None
+            finally:
+                self.state.busy_until = None
             self.run = None
+        self._trust_all()
         if exit_code is not None:
             self.state.state = "finished"
             log.info("run %s: finished (exit code %d, %d frames uploaded)", self.spool.run_id, exit_code, self.state.uploaded)
@@ -159,11 +228,41 @@ class Uploader:
             self.state.state = "waiting"
         self._save(force=True)
 
+    # ---------------------------------------------------------------- cursor
+
+    def _trust_all(self) -> None:
+        self._handed.clear()
+        self.state.offset = self._handed_offset
+        self.state.trusted = self.state.uploaded
+
+    def _trust_flushed(self) -> None:
+        """Offline: move the cursor over what wandb-core has flushed to its file."""
+        horizon = time.monotonic() - (self.cfg.flush_interval + 1.0)
+        while self._handed and self._handed[0][0] <= horizon:
+            _, self.state.offset, self.state.trusted, _ = self._handed.popleft()
+        if not self._handed and self.run is None:
+            self.state.offset = self._handed_offset  # only records with nothing for wandb
+
     def _save(self, force: bool = False) -> None:
+        """Rewrite uploader.json: the cursor, and the heartbeat the supervisor watches."""
         now = time.monotonic()
-        if force or now - self._last_state_write >= self.cfg.state_interval:
-            self.spool.write_uploader(self.state)
-            self._last_state_write = now
+        if not force and now - self._last_save < self.cfg.heartbeat:
+            return
+        if self.offline or self.run is None:
+            self._trust_flushed()
+        self.spool.write_uploader(self.state)
+        self._last_save = now
+
+
+def _permanent(exc: BaseException) -> bool:
+    try:
+        from wandb.errors import AuthenticationError, UsageError
+
+        if isinstance(exc, (AuthenticationError, UsageError)):
+            return True
+    except ImportError:
+        pass
+    return bool(_PERMANENT.search(str(exc)))
 
 
 def _lock(run_dir: Path) -> int | None:
@@ -177,11 +276,21 @@ def _lock(run_dir: Path) -> int | None:
     return fd
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the sidecar dies, so an orphan drains and leaves at once."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the getppid() check in the loop still notices
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sidecar.uploader")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--init-timeout", type=float, default=60.0)
     p.add_argument("--finish-timeout", type=float, default=60.0)
+    p.add_argument("--flush-interval", type=float, default=1.0)
+    p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -189,12 +298,22 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s uploader[{a.run_dir.name}] %(message)s",
         stream=sys.stderr,
     )
+    _die_with_parent()
     if _lock(a.run_dir) is None:
         log.error("run %s: another uploader is running for this run", a.run_dir.name)
         return EXIT_LOCKED
-    up = Uploader(UploaderConfig(run_dir=a.run_dir, init_timeout=a.init_timeout, finish_timeout=a.finish_timeout))
+    cfg = UploaderConfig(
+        run_dir=a.run_dir,
+        init_timeout=a.init_timeout,
+        finish_timeout=a.finish_timeout,
+        flush_interval=a.flush_interval,
+        drain_timeout=a.drain_timeout,
+    )
+    up = Uploader(cfg)
     signal.signal(signal.SIGTERM, up.stop)
     signal.signal(signal.SIGINT, up.stop)
+    # the supervisor starts us with these blocked; a pending one is delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         return up.serve()
     except Exception:
