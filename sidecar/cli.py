@@ -141,6 +141,21 @@ def stop(
     raise typer.Exit(1)
 
 
+@app.command()
+def sync(
+    run_ids: Optional[list[str]] = typer.Argument(None, help="Runs to upload (default: every run with something left)."),
+    spool_dir: Optional[Path] = SpoolOpt,
+    init_timeout: float = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take."),
+    finish_timeout: float = typer.Option(300.0, "--finish-timeout", help="Seconds wandb finish may take."),
+    log_level: str = typer.Option("WARNING", "--log-level"),
+) -> None:
+    """Upload runs left in the spool (failed, interrupted, or spooled offline). Exit 0 if all of it got out."""
+    from .sync import sync as run_sync
+
+    _setup_logging(log_level)
+    raise typer.Exit(run_sync(Spool(spool_dir or default_spool_dir()), run_ids or [], init_timeout, finish_timeout, log_level))
+
+
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
     try:

@@ -16,6 +16,7 @@ status) stop quietly at an incomplete tail: the writer may still be writing it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -127,7 +128,7 @@ class RunLog:
         written = os.write(self._fd, data)
         if written != len(data):  # a short write on a full disk: cut it so the log stays framed
             os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise OSError(28, "short write to spool (disk full?)")
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write)")
 
     def sync(self) -> None:
         if self._fd is not None:

@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flush-interval", type=float, default=1.0)
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--sync", action="store_true", help="kforge-sidecar sync: retry, upload to the end, finish")
     a = p.parse_args(argv)
     logging.basicConfig(
         level=a.log_level.upper(),
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         finish_timeout=a.finish_timeout,
         flush_interval=a.flush_interval,
         drain_timeout=a.drain_timeout,
+        sync=a.sync,
     )
     up = Uploader(cfg)
     signal.signal(signal.SIGTERM, up.stop)

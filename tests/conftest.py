@@ -189,6 +189,42 @@ def run_trainer(env: Env, *args: str, timeout: float = 120) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def start_trainer(env: Env, *args: str) -> subprocess.Popen:
+    """tests/trainer.py in the background; pair with ``finish_trainer``."""
+    return subprocess.Popen(
+        [sys.executable, str(TRAINER), *args],
+        env=env.vars(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_trainer(proc: subprocess.Popen, timeout: float = 120) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{stdout}\n{stderr}"
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert out["raised"] is None, f"log() raised: {out['raised']}"
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
 # ------------------------------------------------------------------ wandb's record
 
 
@@ -218,6 +254,25 @@ def wandb_history(path: Path) -> dict[int, dict]:
             assert step not in rows, f"step {step} recorded twice"
             rows[step] = {k: v for k, v in item.items() if not k.startswith("_")}
     return rows
+
+
+def all_history(wandb_dir: Path, run_id: str) -> tuple[dict[int, dict], int]:
+    """Every (step, key, value) of a run across all its .wandb files (offline, a
+    restarted uploader starts a new file). Returns step -> {key: value}, and how
+    many values were recorded more than once; a repeat must be an exact copy."""
+    files = sorted(wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    assert files, f"no .wandb file for run {run_id} under {wandb_dir}"
+    rows: dict[int, dict] = {}
+    dups = 0
+    for f in files:
+        for step, row in wandb_history(f).items():
+            merged = rows.setdefault(step, {})
+            for key, value in row.items():
+                if key in merged:
+                    assert merged[key] == value, f"step {step} {key}: {merged[key]} and {value}"
+                    dups += 1
+                merged[key] = value
+    return rows, dups
 
 
 def wandb_summary(path: Path) -> dict:

@@ -1,0 +1,95 @@
+"""``kforge-sidecar sync``: upload what runs left in the spool, from any machine.
+
+For runs that failed (the sentinel), were interrupted, or were spooled on a
+cluster without network: each run gets a fresh uploader process in sync mode
+(retries a failed run, stops at the end of the log, finishes the run), and a
+progress bar fed by its cursor. The cursor makes it idempotent: a second sync
+finds nothing left and uploads nothing twice.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from client import protocol
+
+from .spool import TRUSTED_LIMITS, RunSpool, Spool
+from .uploader import EXIT_DONE, EXIT_LOCKED
+
+
+@dataclass
+class Pending:
+    run: RunSpool
+    frames: int  # metrics frames after the cursor
+    closed: bool  # closed by its trainer, but not finished in wandb yet
+
+
+def pending(run: RunSpool) -> Pending:
+    st = run.read_uploader()
+    frames, closed = 0, False
+    for rec in run.log.records():
+        msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+        if isinstance(msg, protocol.Metrics):
+            frames += rec.offset >= st.offset
+        else:  # a close ends the run, a later hello (a resumed session) re-opens it
+            closed = isinstance(msg, protocol.Close)
+    return Pending(run, frames, closed and st.state != "finished")
+
+
+def sync(spool: Spool, run_ids: list[str], init_timeout: float, finish_timeout: float, log_level: str) -> int:
+    """Upload the given runs (default: every run with something left). 0 if all of it got out."""
+    console = Console(stderr=True)
+    known = spool.run_ids()
+    missing = [r for r in run_ids if r not in known]
+    for r in missing:
+        console.print(f"run {r}: not in spool {spool.root}")
+    todo = []
+    for run_id in run_ids or known:
+        if run_id in missing:
+            continue
+        p = pending(spool.run(run_id))
+        if p.frames or p.closed:
+            todo.append(p)
+        elif run_ids:
+            console.print(f"run {run_id}: nothing to upload")
+    if not todo:
+        console.print(f"nothing to upload in {spool.root}")
+        return 1 if missing else 0
+
+    ok = not missing
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        for p in todo:
+            before = p.run.read_uploader().uploaded
+            task = progress.add_task(f"run {p.run.run_id}", total=p.frames)
+            proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "sidecar.uploader", "--sync",
+                    "--run-dir", str(p.run.dir),
+                    "--init-timeout", str(init_timeout),
+                    "--finish-timeout", str(finish_timeout),
+                    "--log-level", log_level,
+                ],  # fmt: skip
+                stdin=subprocess.DEVNULL,
+            )
+            while proc.poll() is None:
+                time.sleep(0.2)
+                progress.update(task, completed=max(0, p.run.read_uploader().uploaded - before))
+            st = p.run.read_uploader()
+            progress.update(task, completed=max(0, st.uploaded - before))
+            if proc.returncode == EXIT_LOCKED:
+                progress.console.print(f"run {p.run.run_id}: an uploader holds it (is a sidecar serving this spool?); skipped")
+                ok = False
+            elif proc.returncode != EXIT_DONE or st.state in ("failed", "retrying"):
+                progress.console.print(f"run {p.run.run_id}: not uploaded: {st.error or f'exit code {proc.returncode}'}")
+                ok = False
+            else:
+                where = f" ({st.wandb_dir})" if st.wandb_dir else ""
+                progress.console.print(f"run {p.run.run_id}: {st.uploaded - before} frames uploaded, {st.state}{where}")
+    return 0 if ok else 1
