@@ -93,6 +93,10 @@ class Uploader:
         """SIGTERM: hand wandb what is spooled within half the drain time, then finish."""
         self.draining = True
         self._drain_deadline = time.monotonic() + self.cfg.drain_timeout / 2
+        # The backstop for an orphan whose wandb is stuck (in init, or a wedged
+        # run.log) with no supervisor left to kill it: SIGALRM's default action
+        # ends the process however blocked it is, and frees the run's lock.
+        signal.alarm(int(self.cfg.drain_timeout) + 5)
 
     # ---------------------------------------------------------------- main loop
 

@@ -1,0 +1,174 @@
+"""log() latency while things break, beside the healthy figure, in one run.
+
+    make bench              (or: python bench/log_latency_faults.py [--calls N])
+
+Each scenario runs in a fresh process with its own sidecar (wandb offline, or
+online against a local stand-in backend on 127.0.0.1), injects its fault, and
+then times N calls of MetricsClient.log with the 14-key dict:
+
+  healthy          nothing wrong
+  sidecar-killed   the sidecar was SIGKILLed after the client connected
+  sidecar-stalled  the sidecar and its uploaders are SIGSTOPped
+  uploader-wedged  the run's wandb-core is SIGSTOPped (run.log blocks forever)
+  backend-down     WANDB_MODE=online against a server that never answers
+  spool-full       the spool is on a full 2 MiB tmpfs (skipped where mount is not allowed)
+
+Writes bench-out/log_latency_faults.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+
+from log_latency import summarize, timed  # noqa: E402
+
+SCENARIOS = ("healthy", "sidecar-killed", "sidecar-stalled", "uploader-wedged", "backend-down", "spool-full")
+
+
+def _status(env: dict) -> dict | None:
+    r = subprocess.run([sys.executable, "-m", "sidecar", "status", "--json"], env=env, capture_output=True, text=True)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(e))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def child(scenario: str, calls: int) -> dict | None:
+    from client import MetricsClient
+
+    work = Path(tempfile.mkdtemp(prefix="kfs-fb-"))
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(work), WANDB_SILENT="true",
+               KFORGE_SIDECAR_ADDR=f"ipc://{work}/sock/s.sock", KFORGE_SPOOL_DIR=str(work / "spool"))  # fmt: skip
+    backend = mounted = None
+    stopped: list[int] = []
+    if scenario == "backend-down":
+        from fakewandb import FakeWandb
+
+        backend = FakeWandb("hang").start()
+        env.update(backend.env(WANDB_DIR=str(work)))
+    if scenario == "spool-full":
+        (work / "spool").mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(work / "spool")], capture_output=True)
+        if r.returncode != 0:
+            shutil.rmtree(work, ignore_errors=True)
+            return None
+        mounted = work / "spool"
+    os.environ.update(env)
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--log-level", "ERROR", "--init-timeout", "600"],
+        env=env, cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    mc = MetricsClient(name=scenario, buffer_size=100_000)
+    try:
+        assert mc.wait_run_id(30), "sidecar did not answer"
+        for s in range(1, 51):  # a live run with an uploader
+            mc.log({"warmup": float(s)}, step=s)
+        mc.flush(30)
+        if scenario == "sidecar-killed":
+            os.kill(sidecar.pid, signal.SIGKILL)
+        elif scenario == "sidecar-stalled":
+            os.killpg(sidecar.pid, signal.SIGSTOP)
+            stopped.append(sidecar.pid)
+        elif scenario == "uploader-wedged":
+            deadline = time.monotonic() + 30
+            run = None
+            while time.monotonic() < deadline and not (run and run["state"] == "live" and run["uploader_pid"]):
+                time.sleep(0.2)
+                run = ((_status(env) or {}).get("runs") or [None])[0]
+            for pid in _children(run["uploader_pid"]):
+                os.kill(pid, signal.SIGSTOP)  # released by the killpg(SIGCONT) of its group below
+        elif scenario == "spool-full":
+            with open(mounted / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        time.sleep(0.5)
+        lat = timed(lambda d, step: mc.log(d, step=step + 100), calls)
+        mc.close(timeout=1.0)
+        return summarize(lat) | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    finally:
+        for pid in stopped:
+            os.killpg(pid, signal.SIGCONT)
+        uploaders = _children(sidecar.pid)  # each leads its own process group, with its wandb-core
+        for pid in [sidecar.pid, *uploaders]:
+            try:
+                os.killpg(pid, signal.SIGCONT)
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        sidecar.wait()
+        if backend is not None:
+            backend.stop()
+        if mounted is not None:
+            subprocess.run(["umount", "-l", str(mounted)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=100_000)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "log_latency_faults.json")
+    p.add_argument("--child", choices=SCENARIOS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.calls)))
+        return 0
+
+    results: dict[str, dict | None] = {}
+    for name in a.scenarios.split(","):
+        print(f"running {name} ({a.calls} calls)...", file=sys.stderr, flush=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--calls", str(a.calls)],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if r.returncode != 0:
+            sys.stderr.write(r.stderr[-3000:])
+            print(f"{name} failed", file=sys.stderr)
+            return 1
+        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+
+    healthy = results.get("healthy")
+    print(f"\nlog() latency under faults, 14-key dict, {a.calls} calls each (µs)")
+    print(f"{'scenario':<16} {'median':>8} {'p99':>8} {'max':>9} {'p99/healthy':>12}")
+    for name, r in results.items():
+        if r is None:
+            print(f"{name:<16} skipped (cannot mount a tmpfs here)")
+            continue
+        ratio = r["p99_us"] / healthy["p99_us"] if healthy else float("nan")
+        print(f"{name:<16} {r['median_us']:>8.2f} {r['p99_us']:>8.2f} {r['max_us']:>9.1f} {ratio:>12.2f}")
+    print("\ntarget: p99 under every fault within 2x of healthy")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"calls": a.calls, "results": results}, indent=2))
+    print(f"written to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
