@@ -23,6 +23,7 @@ from .spool import UploaderState
 log = logging.getLogger("kforge_sidecar.supervisor")
 
 BACKOFF_MAX = 60.0
+_DRAIN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 @dataclass
@@ -66,7 +67,13 @@ class Supervisor:
             "--log-level", self.cfg.log_level,
         ]  # fmt: skip
         # wandb's own settings (WANDB_MODE, WANDB_DIR, WANDB_API_KEY, ...) pass through in the environment.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
+        # The child starts with SIGTERM/SIGINT blocked (the mask survives exec) and unblocks them once
+        # its handlers are in: a drain right after a spawn must not kill it before it has read the spool.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _DRAIN_SIGNALS)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.workers[run_id] = Worker(proc, time.monotonic())
         log.info("run %s: uploader started (pid %d)", run_id, proc.pid)
 

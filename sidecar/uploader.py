@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     up = Uploader(UploaderConfig(run_dir=a.run_dir, init_timeout=a.init_timeout, finish_timeout=a.finish_timeout))
     signal.signal(signal.SIGTERM, up.stop)
     signal.signal(signal.SIGINT, up.stop)
+    # the supervisor starts us with these blocked, so a drain that came early is delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         return up.serve()
     except Exception:
