@@ -42,7 +42,10 @@ def control(address: str, request: str, timeout: float) -> dict | None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)
+    # No IMMEDIATE: with it (and LINGER 0) the pipe is torn down when the sidecar disconnects,
+    # and a reply not yet read goes with it; `stop` lost the reply to "stop" that way, as the
+    # sidecar closes its socket right after sending it. Without it, an unanswered request just
+    # waits out the timeout.
     try:
         sock.connect(address)
         deadline = time.monotonic() + timeout
