@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from client import protocol
 from client.address import resolve_address
 
 from .config import ServeConfig
+from .proc import pid_alive as _alive
 from .spool import Spool, default_spool_dir
 
 app = typer.Typer(
@@ -27,6 +27,13 @@ app = typer.Typer(
 
 AddressOpt = typer.Option(None, "--address", "-a", help="ZeroMQ address (default: $KFORGE_SIDECAR_ADDR, else a per-user ipc socket).")
 SpoolOpt = typer.Option(None, "--spool-dir", help="Spool directory (default: $KFORGE_SPOOL_DIR, else ~/.local/state/kforge-sidecar/spool).")
+# serve's options
+LogLevelOpt = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+DrainOpt = typer.Option(30.0, "--drain-timeout", help="Seconds uploaders get to drain on SIGTERM or stop.")
+InitOpt = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take.")
+FinishOpt = typer.Option(60.0, "--finish-timeout", help="Seconds wandb finish may take.")
+CommitOpt = typer.Option(5.0, "--commit-interval-ms", help="Group commit: at most one fsync per run per interval.")
+LogFileOpt = typer.Option(None, "--log-file", help="Append the sidecar's log (and its uploaders') here instead of stderr; SIGHUP reopens it (logrotate).")
 
 
 def _setup_logging(level: str) -> None:
@@ -70,21 +77,8 @@ def control(address: str, request: str, timeout: float) -> dict | None:
         ctx.term()
 
 
-@app.command()
-def serve(
-    address: Optional[str] = AddressOpt,
-    spool_dir: Optional[Path] = SpoolOpt,
-    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
-    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="Seconds uploaders get to drain on SIGTERM or stop."),
-    init_timeout: float = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take."),
-    finish_timeout: float = typer.Option(60.0, "--finish-timeout", help="Seconds wandb finish may take."),
-    commit_interval_ms: float = typer.Option(5.0, "--commit-interval-ms", help="Group commit: at most one fsync per run per interval."),
-) -> None:
-    """Serve metrics clients: spool every frame, upload to wandb from one process per run."""
-    from .server import serve as run_server
-
-    _setup_logging(log_level)
-    cfg = ServeConfig(
+def _serve_config(address, spool_dir, log_level, drain_timeout, init_timeout, finish_timeout, commit_interval_ms, log_file, **lifetime) -> ServeConfig:
+    return ServeConfig(
         address=resolve_address(address),
         spool_dir=spool_dir or default_spool_dir(),
         log_level=log_level.upper(),
@@ -92,7 +86,38 @@ def serve(
         init_timeout=init_timeout,
         finish_timeout=finish_timeout,
         commit_interval=commit_interval_ms / 1000.0,
+        log_file=log_file,
+        **lifetime,
     )
+
+
+@app.command()
+def serve(
+    address: Optional[str] = AddressOpt,
+    spool_dir: Optional[Path] = SpoolOpt,
+    log_level: str = LogLevelOpt,
+    drain_timeout: float = DrainOpt,
+    init_timeout: float = InitOpt,
+    finish_timeout: float = FinishOpt,
+    commit_interval_ms: float = CommitOpt,
+    log_file: Optional[Path] = LogFileOpt,
+    parent_pid: Optional[int] = typer.Option(None, "--parent-pid", help="Drain and exit when this process is gone (e.g. the job's shell: $$)."),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Drain and exit after this many seconds with no open or pending run and no client message."),
+) -> None:
+    """Serve metrics clients: spool every frame, upload to wandb from one process per run."""
+    from .proc import redirect_stderr
+    from .server import serve as run_server
+
+    if log_file is not None:
+        try:
+            redirect_stderr(log_file)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot open {log_file}: {exc}", param_hint="--log-file") from None
+    _setup_logging(log_level)
+    cfg = _serve_config(
+        address, spool_dir, log_level, drain_timeout, init_timeout, finish_timeout, commit_interval_ms, log_file,
+        parent_pid=parent_pid, idle_timeout=idle_timeout,
+    )  # fmt: skip
     raise typer.Exit(run_server(cfg))
 
 
@@ -134,21 +159,6 @@ def stop(
         time.sleep(0.1)
     typer.echo(f"sidecar on {addr} still running after {timeout:.0f}s", err=True)
     raise typer.Exit(1)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def main() -> None:

@@ -18,3 +18,7 @@ class ServeConfig:
     init_timeout: float = 60.0  # wandb.init, per attempt
     finish_timeout: float = 60.0  # wandb finish
     limits: Limits = field(default=DEFAULT_LIMITS)
+    # Never outlive the job (both drain first, then exit 0):
+    parent_pid: int | None = None  # exit when this process is gone
+    idle_timeout: float | None = None  # exit after this long with no open or pending run and no client message
+    log_file: Path | None = None  # stderr goes here (appending); SIGHUP reopens it, for logrotate
