@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 import zmq
@@ -27,7 +27,7 @@ app = typer.Typer(
 
 AddressOpt = typer.Option(None, "--address", "-a", help="ZeroMQ address (default: $KFORGE_SIDECAR_ADDR, else a per-user ipc socket).")
 SpoolOpt = typer.Option(None, "--spool-dir", help="Spool directory (default: $KFORGE_SPOOL_DIR, else ~/.local/state/kforge-sidecar/spool).")
-# serve's options
+# serve's options, shared with `run` (which passes them on to the sidecar it starts)
 LogLevelOpt = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 DrainOpt = typer.Option(30.0, "--drain-timeout", help="Seconds uploaders get to drain on SIGTERM or stop.")
 InitOpt = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take.")
@@ -119,6 +119,31 @@ def serve(
         parent_pid=parent_pid, idle_timeout=idle_timeout,
     )  # fmt: skip
     raise typer.Exit(run_server(cfg))
+
+
+@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def run(
+    command: List[str] = typer.Argument(..., metavar="-- COMMAND", help="The training command, e.g. torchrun --nproc-per-node 8 train.py."),
+    address: Optional[str] = AddressOpt,
+    spool_dir: Optional[Path] = SpoolOpt,
+    log_level: str = LogLevelOpt,
+    drain_timeout: float = DrainOpt,
+    init_timeout: float = InitOpt,
+    finish_timeout: float = FinishOpt,
+    commit_interval_ms: float = CommitOpt,
+    log_file: Optional[Path] = LogFileOpt,
+) -> None:
+    """Run COMMAND under a sidecar: start one (or use the one already serving), export
+    KFORGE_SIDECAR_ADDR to COMMAND, and when COMMAND exits drain and stop the sidecar it
+    started. SIGTERM/SIGINT go to COMMAND first. Inside a SLURM job with no address given,
+    the socket is per job. Exit status: COMMAND's (128+N if signal N killed it; 125 if no
+    sidecar could be started, 126/127 if COMMAND cannot be executed / is not found)."""
+    from .launcher import job_address, run_command
+
+    _setup_logging(log_level)
+    address = address or job_address()
+    cfg = _serve_config(address, spool_dir, log_level, drain_timeout, init_timeout, finish_timeout, commit_interval_ms, log_file)
+    raise typer.Exit(run_command(cfg, command))
 
 
 @app.command()
