@@ -282,7 +282,17 @@ def test_sbatch_script_sigterm_stops_training_then_drains(env, procs):
 
 
 def slurm_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SLURM / name)], env=env, capture_output=True, text=True, timeout=120)
+    """Run a Prolog/Epilog/TaskProlog as slurmd does: in its own process group, which is
+    SIGKILLed once the script has exited (what it leaves there behind dies)."""
+    p = subprocess.Popen(["bash", str(SLURM / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
 
 
 def prolog_env(env: Env, **extra: str) -> dict[str, str]:

@@ -74,11 +74,21 @@ main() {
     fi
     local -a extra=()
     read -r -a extra <<<"${KFORGE_SERVE_ARGS:-}"
+    # Its own session (setsid): slurmd kills the Prolog's process group when the Prolog
+    # exits. Its cwd and WANDB_DIR: the user's state directory (wandb writes there).
+    cd "$state" || return 0
     setsid setpriv --reuid="$uid" --regid="$gid" --init-groups -- \
-        env HOME="$home" USER="$user" LOGNAME="$user" \
+        env HOME="$home" USER="$user" LOGNAME="$user" WANDB_DIR="${WANDB_DIR:-$state}" \
         "$bin" serve --address "ipc://$run_dir/sidecar.sock" --spool-dir "$state/spool" \
-        --log-file "$state/logs/$job.log" --drain-timeout "${KFORGE_DRAIN_TIMEOUT:-60}" "${extra[@]}" \
+        --log-file "$state/logs/$job.log" --drain-timeout "${KFORGE_DRAIN_TIMEOUT:-60}" ${extra[@]+"${extra[@]}"} \
         </dev/null >/dev/null 2>&1 &
+    # Return only once it has left our session (or exited), so that kill cannot reach it.
+    local pid=$! mine i
+    mine=$(ps -o sid= -p $$)
+    for ((i = 0; i < 100; i++)); do
+        [ "$(ps -o sid= -p "$pid")" != "$mine" ] && break
+        sleep 0.02
+    done
     log "started kforge-sidecar for $user on ipc://$run_dir/sidecar.sock (log $state/logs/$job.log)"
 }
 
