@@ -35,25 +35,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 from log_latency import summarize, timed  # noqa: E402
 
+from sidecar.proc import children  # noqa: E402
+
 SCENARIOS = ("healthy", "sidecar-killed", "sidecar-stalled", "uploader-wedged", "backend-down", "spool-full")
 
 
 def _status(env: dict) -> dict | None:
     r = subprocess.run([sys.executable, "-m", "sidecar", "status", "--json"], env=env, capture_output=True, text=True)
     return json.loads(r.stdout) if r.returncode == 0 else None
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                with open(f"/proc/{e}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(e))
-            except (OSError, ValueError, IndexError):
-                pass
-    return kids
 
 
 def child(scenario: str, calls: int) -> dict | None:
@@ -98,7 +87,7 @@ def child(scenario: str, calls: int) -> dict | None:
             while time.monotonic() < deadline and not (run and run["state"] == "live" and run["uploader_pid"]):
                 time.sleep(0.2)
                 run = ((_status(env) or {}).get("runs") or [None])[0]
-            for pid in _children(run["uploader_pid"]):
+            for pid in children(run["uploader_pid"]):
                 os.kill(pid, signal.SIGSTOP)  # released by the killpg(SIGCONT) of its group below
         elif scenario == "spool-full":
             with open(mounted / "filler", "wb") as f:
@@ -115,7 +104,7 @@ def child(scenario: str, calls: int) -> dict | None:
     finally:
         for pid in stopped:
             os.killpg(pid, signal.SIGCONT)
-        uploaders = _children(sidecar.pid)  # each leads its own process group, with its wandb-core
+        uploaders = children(sidecar.pid)  # each leads its own process group, with its wandb-core
         for pid in [sidecar.pid, *uploaders]:
             try:
                 os.killpg(pid, signal.SIGCONT)

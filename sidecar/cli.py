@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 import zmq
@@ -17,6 +16,7 @@ from client import protocol
 from client.address import resolve_address
 
 from .config import ServeConfig
+from .proc import pid_alive as _alive
 from .spool import Spool, default_spool_dir
 
 app = typer.Typer(
@@ -27,6 +27,17 @@ app = typer.Typer(
 
 AddressOpt = typer.Option(None, "--address", "-a", help="ZeroMQ address (default: $KFORGE_SIDECAR_ADDR, else a per-user ipc socket).")
 SpoolOpt = typer.Option(None, "--spool-dir", help="Spool directory (default: $KFORGE_SPOOL_DIR, else ~/.local/state/kforge-sidecar/spool).")
+# serve's options, shared with `run` (which passes them on to the sidecar it starts)
+LogLevelOpt = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+DrainOpt = typer.Option(30.0, "--drain-timeout", help="Seconds uploaders get to drain on SIGTERM or stop.")
+InitOpt = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take.")
+FinishOpt = typer.Option(60.0, "--finish-timeout", help="Seconds wandb finish may take.")
+CommitOpt = typer.Option(5.0, "--commit-interval-ms", help="Group commit: at most one fsync per run per interval.")
+LogFileOpt = typer.Option(None, "--log-file", help="Append the sidecar's log (and its uploaders') here instead of stderr; SIGHUP reopens it (logrotate).")
+HeartbeatOpt = typer.Option(30.0, "--heartbeat-timeout", help="Kill and restart an uploader silent this long (wedged wandb).")
+BackoffOpt = typer.Option(2.0, "--retry-backoff", help="First delay before a failed upload is retried; doubles per failure.")
+BackoffMaxOpt = typer.Option(60.0, "--retry-backoff-max", help="Longest delay between upload retries.")
+FlushOpt = typer.Option(1.0, "--wandb-flush-interval", help="wandb-core's transaction log flush interval (bounds replays after a kill).")
 
 
 def _setup_logging(level: str) -> None:
@@ -42,7 +53,10 @@ def control(address: str, request: str, timeout: float) -> dict | None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)
+    # No IMMEDIATE: with it (and LINGER 0) the pipe is torn down when the sidecar disconnects,
+    # and a reply not yet read goes with it; `stop` lost the reply to "stop" that way, as the
+    # sidecar closes its socket right after sending it. Without it, an unanswered request just
+    # waits out the timeout.
     try:
         sock.connect(address)
         deadline = time.monotonic() + timeout
@@ -67,38 +81,84 @@ def control(address: str, request: str, timeout: float) -> dict | None:
         ctx.term()
 
 
+def _serve_config(address: Optional[str], spool_dir: Optional[Path], log_level: str, commit_interval_ms: float, **rest) -> ServeConfig:
+    return ServeConfig(
+        address=resolve_address(address),
+        spool_dir=spool_dir or default_spool_dir(),
+        log_level=log_level.upper(),
+        commit_interval=commit_interval_ms / 1000.0,
+        **rest,
+    )
+
+
 @app.command()
 def serve(
     address: Optional[str] = AddressOpt,
     spool_dir: Optional[Path] = SpoolOpt,
-    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
-    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="Seconds uploaders get to drain on SIGTERM or stop."),
-    init_timeout: float = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take."),
-    finish_timeout: float = typer.Option(60.0, "--finish-timeout", help="Seconds wandb finish may take."),
-    commit_interval_ms: float = typer.Option(5.0, "--commit-interval-ms", help="Group commit: at most one fsync per run per interval."),
-    heartbeat_timeout: float = typer.Option(30.0, "--heartbeat-timeout", help="Kill and restart an uploader silent this long (wedged wandb)."),
-    retry_backoff: float = typer.Option(2.0, "--retry-backoff", help="First delay before a failed upload is retried; doubles per failure."),
-    retry_backoff_max: float = typer.Option(60.0, "--retry-backoff-max", help="Longest delay between upload retries."),
-    flush_interval: float = typer.Option(1.0, "--wandb-flush-interval", help="wandb-core's transaction log flush interval (bounds replays after a kill)."),
+    log_level: str = LogLevelOpt,
+    drain_timeout: float = DrainOpt,
+    init_timeout: float = InitOpt,
+    finish_timeout: float = FinishOpt,
+    commit_interval_ms: float = CommitOpt,
+    log_file: Optional[Path] = LogFileOpt,
+    heartbeat_timeout: float = HeartbeatOpt,
+    retry_backoff: float = BackoffOpt,
+    retry_backoff_max: float = BackoffMaxOpt,
+    flush_interval: float = FlushOpt,
+    parent_pid: Optional[int] = typer.Option(None, "--parent-pid", help="Drain and exit when this process is gone (e.g. the job's shell: $$)."),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Drain and exit after this many seconds with no open or pending run and no client message."),
 ) -> None:
     """Serve metrics clients: spool every frame, upload to wandb from one process per run."""
+    from .proc import redirect_stderr
     from .server import serve as run_server
 
+    if log_file is not None:
+        try:
+            redirect_stderr(log_file)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot open {log_file}: {exc}", param_hint="--log-file") from None
     _setup_logging(log_level)
-    cfg = ServeConfig(
-        address=resolve_address(address),
-        spool_dir=spool_dir or default_spool_dir(),
-        log_level=log_level.upper(),
-        drain_timeout=drain_timeout,
-        init_timeout=init_timeout,
-        finish_timeout=finish_timeout,
-        commit_interval=commit_interval_ms / 1000.0,
-        heartbeat_timeout=heartbeat_timeout,
-        retry_backoff=retry_backoff,
-        retry_backoff_max=retry_backoff_max,
-        flush_interval=flush_interval,
-    )
+    cfg = _serve_config(
+        address, spool_dir, log_level, commit_interval_ms,
+        drain_timeout=drain_timeout, init_timeout=init_timeout, finish_timeout=finish_timeout, log_file=log_file,
+        heartbeat_timeout=heartbeat_timeout, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
+        flush_interval=flush_interval, parent_pid=parent_pid, idle_timeout=idle_timeout,
+    )  # fmt: skip
     raise typer.Exit(run_server(cfg))
+
+
+@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def run(
+    command: List[str] = typer.Argument(..., metavar="-- COMMAND", help="The training command, e.g. torchrun --nproc-per-node 8 train.py."),
+    address: Optional[str] = AddressOpt,
+    spool_dir: Optional[Path] = SpoolOpt,
+    log_level: str = LogLevelOpt,
+    drain_timeout: float = DrainOpt,
+    init_timeout: float = InitOpt,
+    finish_timeout: float = FinishOpt,
+    commit_interval_ms: float = CommitOpt,
+    log_file: Optional[Path] = LogFileOpt,
+    heartbeat_timeout: float = HeartbeatOpt,
+    retry_backoff: float = BackoffOpt,
+    retry_backoff_max: float = BackoffMaxOpt,
+    flush_interval: float = FlushOpt,
+) -> None:
+    """Run COMMAND under a sidecar: start one (or use the one already serving), export
+    KFORGE_SIDECAR_ADDR to COMMAND, and when COMMAND exits drain and stop the sidecar it
+    started. SIGTERM/SIGINT go to COMMAND first. Inside a SLURM job with no address given,
+    the socket is per job. Exit status: COMMAND's (128+N if signal N killed it; 125 if no
+    sidecar could be started, 126/127 if COMMAND cannot be executed / is not found)."""
+    from .launcher import job_address, run_command
+
+    _setup_logging(log_level)
+    address = address or job_address()
+    cfg = _serve_config(
+        address, spool_dir, log_level, commit_interval_ms,
+        drain_timeout=drain_timeout, init_timeout=init_timeout, finish_timeout=finish_timeout, log_file=log_file,
+        heartbeat_timeout=heartbeat_timeout, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
+        flush_interval=flush_interval,
+    )  # fmt: skip
+    raise typer.Exit(run_command(cfg, command))
 
 
 @app.command()
@@ -143,9 +203,9 @@ def stop(
 
 @app.command()
 def sync(
-    run_ids: Optional[list[str]] = typer.Argument(None, help="Runs to upload (default: every run with something left)."),
+    run_ids: Optional[List[str]] = typer.Argument(None, help="Runs to upload (default: every run with something left)."),
     spool_dir: Optional[Path] = SpoolOpt,
-    init_timeout: float = typer.Option(60.0, "--init-timeout", help="Seconds one wandb.init may take."),
+    init_timeout: float = InitOpt,
     finish_timeout: float = typer.Option(300.0, "--finish-timeout", help="Seconds wandb finish may take."),
     log_level: str = typer.Option("WARNING", "--log-level"),
 ) -> None:
@@ -154,21 +214,6 @@ def sync(
 
     _setup_logging(log_level)
     raise typer.Exit(run_sync(Spool(spool_dir or default_spool_dir()), run_ids or [], init_timeout, finish_timeout, log_level))
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def main() -> None:

@@ -22,3 +22,7 @@ class ServeConfig:
     retry_backoff: float = 2.0  # first delay before a failed uploader is started again
     retry_backoff_max: float = 60.0
     limits: Limits = field(default=DEFAULT_LIMITS)
+    # Never outlive the job (both drain first, then exit 0):
+    parent_pid: int | None = None  # exit when this process is gone
+    idle_timeout: float | None = None  # exit after this long with no open or pending run and no client message
+    log_file: Path | None = None  # stderr goes here (appending); SIGHUP reopens it, for logrotate

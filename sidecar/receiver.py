@@ -28,7 +28,7 @@ import zmq
 from client import protocol
 from client.protocol import Close, Control, Hello, Metrics, ProtocolError
 
-from .spool import TRUSTED_LIMITS, RunMeta, RunSpool, Spool
+from .spool import TRUSTED_LIMITS, RunMeta, RunSpool, Spool, UploaderState
 
 log = logging.getLogger("kforge_sidecar.receiver")
 
@@ -67,6 +67,10 @@ class RunState:
     dirty: bool = False
     # the state at the last successful commit, to roll back to if an fsync fails
     snapshot: tuple = ()
+
+    def needs_upload(self, up: UploaderState) -> bool:
+        """Frames wandb has not kept yet, or a close it has not seen (and not failed for good)."""
+        return up.state != "failed" and (self.received > up.trusted or (self.closed and up.state != "finished"))
 
     def take_snapshot(self, sessions: dict[str, Session]) -> None:
         self.snapshot = (

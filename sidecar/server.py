@@ -4,7 +4,9 @@ One thread, one loop: poll the ROUTER socket, hand frames to the receiver,
 group-commit, and every so often let the supervisor start or reap uploaders.
 SIGTERM and SIGINT (and a ``stop`` request) drain: stop reading, make the
 spool durable, give the uploaders ``drain_timeout`` to hand wandb what is
-spooled, exit 0.
+spooled, exit 0. So do ``--parent-pid`` (that process is gone) and
+``--idle-timeout`` (no open or pending run and no client message for that
+long), so the sidecar never outlives its job. SIGHUP reopens ``--log-file``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import zmq
 from client.address import SocketDirError, ensure_socket_dir, ipc_path
 
 from .config import ServeConfig
+from .proc import pid_alive, redirect_stderr
 from .receiver import Receiver, RunState
 from .spool import Spool
 from .status import run_status
@@ -50,6 +54,8 @@ class Server:
         self.supervisor = Supervisor(cfg)
         self.started = time.time()
         self.stopping = False
+        self._last_activity = time.monotonic()  # a client message, or a tick with an open or pending run
+        self._host = socket.gethostname()
         self._lock_fd: int | None = None
         self._sock_path = ipc_path(cfg.address)
 
@@ -107,9 +113,14 @@ class Server:
         sock = self._bind(ctx)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         # A file-size limit (ulimit -f) is a full disk for us: an error to report, not death.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         log.info("serving on %s (spool %s, pid %d)", self.cfg.address, self.spool.root, os.getpid())
+        if self.cfg.parent_pid is not None:
+            log.info("will drain and exit when process %d is gone", self.cfg.parent_pid)
+        if self.cfg.idle_timeout is not None:
+            log.info("will drain and exit after %gs idle", self.cfg.idle_timeout)
         try:
             self._loop(sock)
         finally:
@@ -133,6 +144,7 @@ class Server:
             if self.receiver.dirty:
                 timeout = max(0.0, last_commit + self.cfg.commit_interval - now)
             if poller.poll(timeout * 1000):
+                self._last_activity = time.monotonic()
                 for _ in range(10_000):  # bounded, so commits and ticks still happen under load
                     try:
                         parts = sock.recv_multipart(zmq.NOBLOCK)
@@ -146,6 +158,10 @@ class Server:
             if now - last_tick >= SUPERVISE_EVERY:
                 self.supervisor.tick(self.receiver.runs)
                 last_tick = now
+                reason = self._exit_reason(now)
+                if reason:
+                    log.info("%s: draining", reason)
+                    self.stopping = True
         # Whatever was appended becomes durable and acknowledged before we go.
         if self.receiver.dirty:
             self.receiver.commit(sock)
@@ -153,6 +169,47 @@ class Server:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("%s: draining", signal.Signals(signum).name)
         self.stopping = True
+
+    def _on_hup(self, _signum: int, _frame: Any) -> None:
+        if self.cfg.log_file is None:
+            log.info("SIGHUP: no --log-file to reopen; ignored")
+            return
+        try:
+            redirect_stderr(self.cfg.log_file)
+        except OSError as exc:
+            log.error("SIGHUP: cannot reopen %s (%s); still writing to the old file", self.cfg.log_file, exc)
+            return
+        log.info("SIGHUP: reopened %s", self.cfg.log_file)
+
+    # ---------------------------------------------------------------- lifetime
+
+    def _exit_reason(self, now: float) -> str | None:
+        """Why the sidecar should drain and exit by itself now, if it should."""
+        if self.cfg.parent_pid is not None and not pid_alive(self.cfg.parent_pid):
+            return f"parent process {self.cfg.parent_pid} is gone"
+        if self.cfg.idle_timeout is not None:
+            if self._busy():
+                self._last_activity = now
+            elif now - self._last_activity >= self.cfg.idle_timeout:
+                return f"idle for {self.cfg.idle_timeout:g}s (no open or pending run, no client message)"
+        return None
+
+    def _busy(self) -> bool:
+        """Some run has frames wandb has not seen, or is open: not closed, and a client
+        this sidecar heard from still runs on this host (a trainer that died without
+        closing does not hold the sidecar; clients on other hosts count by their messages)."""
+        for run_id, run in self.receiver.runs.items():
+            st = self.supervisor.states.get(run_id)
+            if st is None:
+                return True  # not looked at yet
+            if run.needs_upload(st):
+                return True
+            if not run.closed:
+                for s in run.sessions:
+                    sess = self.receiver.sessions.get(s)
+                    if sess and sess.identity is not None and sess.host == self._host and sess.pid and pid_alive(sess.pid):
+                        return True
+        return False
 
     def _control(self, request: str) -> dict:
         if request == "stop":

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from .config import ServeConfig
+from .proc import children
 from .receiver import RunState
 from .spool import UploaderState
 from .uploader import EXIT_RETRY
@@ -58,9 +59,7 @@ class Supervisor:
             if w is not None:
                 self._check_heartbeat(run_id, w, st)
                 continue
-            if not spawn or st.state == "failed" or now < self.backoff.get(run_id, Backoff()).not_before:
-                continue
-            if run.received > st.trusted or (run.closed and st.state != "finished"):
+            if spawn and run.needs_upload(st) and now >= self.backoff.get(run_id, Backoff()).not_before:
                 self._spawn(run_id, run)
 
     def retry_in(self, run_id: str) -> float | None:
@@ -143,7 +142,16 @@ def _block_sigterm() -> None:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill an uploader with its process group and its children: wandb-core runs in a
+    session of its own, and a hung one would outlive its parent."""
+    for pid in children(proc.pid):
+        _kill(pid, os.kill)
+    _kill(proc.pid, os.killpg)
+
+
+def _kill(pid: int, how) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        how(pid, signal.SIGCONT)  # a stopped process dies of SIGKILL, but let it see it at once
+        how(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass

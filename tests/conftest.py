@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from sidecar.proc import children  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAINER = Path(__file__).resolve().parent / "trainer.py"
 
@@ -209,20 +211,6 @@ def finish_trainer(proc: subprocess.Popen, timeout: float = 120) -> dict:
     out = json.loads(stdout.strip().splitlines()[-1])
     assert out["raised"] is None, f"log() raised: {out['raised']}"
     return out
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return kids
 
 
 # ------------------------------------------------------------------ wandb's record

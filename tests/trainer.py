@@ -1,13 +1,16 @@
 """A trainer stand-in for the tests: logs KempnerForge's metric dict with values
 that are a pure function of the step, so a test can recompute every value.
 
-Prints one JSON line last: run_id, the client's stats, and whether log() raised.
+Prints one JSON line last: run_id, the client's stats, whether log() raised,
+the last step logged, and whether a SIGTERM ended it (--handle-sigterm: stop
+logging, close the client, exit 143, as a trainer that checkpoints on SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -56,15 +59,24 @@ def main() -> int:
     p.add_argument("--close-timeout", type=float, default=30.0)
     p.add_argument("--no-close", action="store_true")
     p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--exit-code", type=int, default=0)
+    p.add_argument("--handle-sigterm", action="store_true")
     a = p.parse_args()
+    sigterm: list[int] = []
+    if a.handle_sigterm:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sigterm.append(signum))
 
     from client import MetricsClient
 
     mc = MetricsClient(project=a.project, name=a.name, run_id=a.run_id, config=json.loads(a.config))
     raised = None
+    last_step = None
     try:
         for step in range(a.start, a.start + a.steps):
+            if sigterm:
+                break
             mc.log(train_metrics(step), step=step)
+            last_step = step
             if a.eval_every and step % a.eval_every == 0:
                 mc.log_eval(eval_metrics(step), step=step)
             if a.sleep:
@@ -72,11 +84,15 @@ def main() -> int:
     except Exception as exc:  # the contract: log() never raises
         raised = repr(exc)
     # --no-close: the trainer "dies" after its frames are durable, without finishing the run
-    closed = mc.flush(a.close_timeout) and None if a.no_close else mc.close(timeout=a.close_timeout)
+    code = 128 + int(signal.SIGTERM) if sigterm else a.exit_code
+    closed = mc.flush(a.close_timeout) and None if a.no_close else mc.close(timeout=a.close_timeout, exit_code=code)
     s = mc.stats()
-    print(json.dumps({"run_id": mc.run_id, "closed": closed, "raised": raised, "stats": s.__dict__}))
+    print(json.dumps({
+        "run_id": mc.run_id, "closed": closed, "raised": raised, "stats": s.__dict__,
+        "last_step": last_step, "sigterm": bool(sigterm),
+    }))  # fmt: skip
     sys.stdout.flush()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
