@@ -9,9 +9,9 @@ run. wandb can wedge this process; that is why it is a process: the sidecar
 kills it when its heartbeat stops, and the other runs never notice.
 
 The cursor only moves past what wandb has really kept:
-- offline, wandb-core writes its transaction log every
-  ``x_transaction_log_flush_interval`` seconds (we set it low), so a frame
-  counts once it was handed to wandb longer ago than that, plus a margin;
+- offline, a frame counts once its step is in wandb-core's own transaction
+  log (run-<id>.wandb, flushed every ``x_transaction_log_flush_interval``
+  seconds, which we set low): the uploader reads that file back;
 - online, a frame counts once ``finish`` returned: a restart replays the rest,
   and wandb itself drops the steps the server already has on resume.
 A hard kill therefore never loses frames, and replays at most a few seconds.
@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import signal
+import struct
 import sys
 import time
 from collections import deque
@@ -84,10 +85,11 @@ class Uploader:
         self._progress = progress
         self._parent = os.getppid()
         self._last_save = 0.0
-        # (monotonic time, offset, frames, last step) when frames were handed to wandb
-        self._handed: deque[tuple[float, int, int, int | None]] = deque()
+        # (monotonic time, offset, frames, step) of each frame handed to wandb, not yet trusted
+        self._handed: deque[tuple[float, int, int, int]] = deque()
         self._handed_offset = self.state.offset
         self._drain_deadline: float | None = None
+        self._txlog: TransactionLog | None = None
 
     def stop(self, *_: Any) -> None:
         """SIGTERM: hand wandb what is spooled within half the drain time, then finish."""
@@ -195,6 +197,7 @@ class Uploader:
         finally:
             self.state.busy_until = None
         self.offline = bool(getattr(self.run.settings, "_offline", False))
+        self._txlog = TransactionLog(Path(self.run.dir).parent / f"run-{self.run.id}.wandb")
         self.state.state = "live"
         self.state.error = None
         self.state.wandb_dir = str(Path(self.run.dir).parent)
@@ -224,6 +227,7 @@ class Uploader:
             finally:
                 self.state.busy_until = None
             self.run = None
+            self._txlog = None
         self._trust_all()
         if exit_code is not None:
             self.state.state = "finished"
@@ -240,10 +244,16 @@ class Uploader:
         self.state.trusted = self.state.uploaded
 
     def _trust_flushed(self) -> None:
-        """Offline: move the cursor over what wandb-core has flushed to its file."""
-        horizon = time.monotonic() - (self.cfg.flush_interval + 1.0)
-        while self._handed and self._handed[0][0] <= horizon:
-            _, self.state.offset, self.state.trusted, _ = self._handed.popleft()
+        """Offline: move the cursor over the frames whose step wandb-core has written.
+
+        A history row for step S is written once a later step arrived, so every
+        frame up to step S is in it. Time alone proves nothing: a hung
+        wandb-core writes nothing however long we wait.
+        """
+        if self._txlog is not None:
+            written = self._txlog.last_step()
+            while self._handed and written is not None and self._handed[0][3] <= written:
+                _, self.state.offset, self.state.trusted, _ = self._handed.popleft()
         if not self._handed and self.run is None:
             self.state.offset = self._handed_offset  # only records with nothing for wandb
 
@@ -256,6 +266,58 @@ class Uploader:
             self._trust_flushed()
         self.spool.write_uploader(self.state)
         self._last_save = now
+
+
+class TransactionLog:
+    """Reads back wandb-core's run-<id>.wandb, incrementally: the highest history step in it.
+
+    The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1,
+    version 0), then 32 KiB blocks of chunks, each with a 7-byte header
+    (crc32, u16 length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4) around a
+    protobuf ``Record``; a block's tail shorter than a header is padding.
+    Reading stops at an incomplete chunk, the part wandb-core has not flushed.
+    """
+
+    BLOCK = 32 * 1024
+    HEAD = struct.Struct("<IHB")
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._pos = 7  # after the file header
+        self._step: int | None = None
+
+    def last_step(self) -> int | None:
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return self._step
+        with f:
+            f.seek(self._pos)
+            pos, parts = self._pos, []
+            while True:
+                left = self.BLOCK - pos % self.BLOCK
+                if left < self.HEAD.size:
+                    f.seek(left, os.SEEK_CUR)
+                    pos += left
+                    continue
+                head = f.read(self.HEAD.size)
+                if len(head) < self.HEAD.size:
+                    break
+                _, length, kind = self.HEAD.unpack(head)
+                data = f.read(length)
+                if len(data) < length or kind == 0:
+                    break  # not flushed yet (or zero fill)
+                pos += self.HEAD.size + length
+                parts.append(data)
+                if kind in (1, 4):  # FULL or LAST: a whole record
+                    rec = pb.Record.FromString(b"".join(parts))
+                    parts = []
+                    self._pos = pos
+                    if rec.HasField("history"):
+                        self._step = rec.history.step.num
+        return self._step
 
 
 def _permanent(exc: BaseException) -> bool:
