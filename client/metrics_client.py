@@ -73,6 +73,7 @@ class MetricsClient:
         config: Mapping[str, Any] | None = None,
         address: str | None = None,
         *,
+        wandb_init: Mapping[str, Any] | None = None,
         buffer_size: int = 100_000,
         rank: int | None = None,
     ):
@@ -86,6 +87,10 @@ class MetricsClient:
                 raise ValueError(f"run_id {run_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
             self._run_id_ready.set()
         self._config = dict(config or {})
+        self._wandb_init = dict(wandb_init or {})
+        unknown = set(self._wandb_init) - set(protocol.WANDB_INIT_KEYS)
+        if unknown:
+            raise ValueError(f"wandb_init keys {sorted(unknown)} are not among {protocol.WANDB_INIT_KEYS}")
         self._session = secrets.token_hex(8)
         self._seq = itertools.count(1)
         self._logged = 0
@@ -208,6 +213,7 @@ class MetricsClient:
             pid=self._pid,
             host=self._host,
             first=max(first, 1),
+            wandb=self._wandb_init,
         )
 
     def _on_welcome(self, run_id: str) -> None:

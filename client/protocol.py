@@ -5,9 +5,10 @@ version ``v`` and a type ``t``. The client speaks through a DEALER socket,
 the sidecar answers through a ROUTER socket.
 
 Client → sidecar:
-  hello    session, project, name, run_id, config, pid, host, first
+  hello    session, project, name, run_id, config, pid, host, first, wandb
   metrics  session, seq, step, kind ("train" | "eval"), time, values
   close    session, seq, exit_code
+  ping     session                 a heartbeat from an idle client: "still alive"
   status   (control, from the CLI)
   stop     (control, from the CLI)
 
@@ -21,6 +22,7 @@ Sidecar → client:
 Sequence numbers start at 1 per client session and are assigned in log order.
 ``first`` in a hello is the oldest seq the client still holds: anything below
 it was acknowledged or dropped for good, so the sidecar stops waiting for it.
+``wandb`` in a hello holds per-run ``wandb.init`` options (WANDB_INIT_KEYS).
 
 ``decode_request`` is where every incoming frame is validated; it raises
 ``ProtocolError`` with a short reason code that the sidecar counts.
@@ -41,6 +43,9 @@ KINDS = ("train", "eval")
 # wandb run IDs: letters, digits, dash and underscore; also a spool directory name.
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# Per-run wandb.init options a client may set; everything else comes from the
+# sidecar's environment. "base_url" goes into wandb.Settings.
+WANDB_INIT_KEYS = ("entity", "group", "job_type", "tags", "notes", "mode", "base_url")
 
 Scalar = Union[int, float, bool]
 
@@ -82,6 +87,7 @@ class Hello:
     pid: int
     host: str
     first: int = 1
+    wandb: dict[str, Any] = field(default_factory=dict)
     t: str = field(default="hello", init=False)
 
 
@@ -102,6 +108,12 @@ class Close:
     seq: int
     exit_code: int = 0
     t: str = field(default="close", init=False)
+
+
+@dataclass(frozen=True)
+class Ping:
+    session: str
+    t: str = field(default="ping", init=False)
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,7 @@ class Reply:
     t: str = field(default="reply", init=False)
 
 
-Request = Union[Hello, Metrics, Close, Control]
+Request = Union[Hello, Metrics, Close, Ping, Control]
 Response = Union[Welcome, Ack, Nack, Error, Reply]
 
 
@@ -257,6 +269,18 @@ def _check_config(value: Any, depth: int, limits: Limits) -> None:
         raise ProtocolError("bad_field", f"config holds a {type(value).__name__}")
 
 
+def _wandb_init(opts: Any, limits: Limits) -> dict[str, Any]:
+    if not isinstance(opts, dict):
+        raise ProtocolError("bad_field", "'wandb' must be a map")
+    for key, value in opts.items():
+        if key not in WANDB_INIT_KEYS:
+            raise ProtocolError("bad_field", f"wandb option {key!r} is not one of {WANDB_INIT_KEYS}")
+        items = value if key == "tags" and isinstance(value, list) else [value]
+        if not all(isinstance(v, str) and len(v) <= limits.max_str_len for v in items):
+            raise ProtocolError("bad_field", f"wandb option {key!r} must be text" + (" or a list of text" if key == "tags" else ""))
+    return opts
+
+
 def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
     """Validate one incoming frame and return its message; raise ProtocolError otherwise."""
     obj = _unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes))
@@ -287,6 +311,7 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
             raise ProtocolError("bad_field", "'config' must be a map")
         _check_config(config, 0, limits)
         return Hello(
+            wandb=_wandb_init(obj.get("wandb") or {}, limits),
             session=_session(obj),
             project=_text(obj, "project", limits) or "",
             name=_text(obj, "name", limits, optional=True),
@@ -298,6 +323,8 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
         )
     if t == "close":
         return Close(session=_session(obj), seq=_seq(obj), exit_code=_field(obj, "exit_code", (int,)))
+    if t == "ping":
+        return Ping(session=_session(obj))
     if t in ("status", "stop"):
         return Control(t=t)
     raise ProtocolError("unknown_type", f"message type {t!r}")

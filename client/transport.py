@@ -58,6 +58,7 @@ class Transport(threading.Thread):
     BUSY_TICK_MS = 5  # how often buffered frames are looked at
     IDLE_TICK_MS = 25
     SLICE = 256  # frames packed or sent per tick, so one tick never holds the GIL long
+    HEARTBEAT = 5.0  # an idle client pings this often, so the sidecar knows it is alive
 
     def __init__(
         self,
@@ -90,6 +91,7 @@ class Transport(threading.Thread):
         self._need_hello = True
         self._welcomed = False
         self._last_hello = 0.0
+        self._last_send = 0.0
         self._last_progress = time.monotonic()
         self._rto = self.RTO_MIN
         self._warned_drop = False
@@ -292,8 +294,14 @@ class Transport(threading.Thread):
                 sock.send(protocol.encode(self._hello(first)), zmq.NOBLOCK)
             except zmq.Again:  # not connected yet
                 return False
-            self._last_hello = now
+            self._last_hello = self._last_send = now
             self._need_hello = False
+        elif self._welcomed and now - self._last_send > self.HEARTBEAT:
+            try:
+                sock.send(protocol.encode(protocol.Ping(self.session)), zmq.NOBLOCK)
+                self._last_send = now
+            except zmq.Again:
+                pass
         window = self._window
         for _ in range(self.SLICE):
             if self._next >= len(window):
@@ -303,6 +311,7 @@ class Transport(threading.Thread):
             except zmq.Again:  # disconnected, or the sidecar is not reading
                 return False
             self._next += 1
+            self._last_send = now
             seq = self._base + self._next - 1
             if seq > self._sent_upto:
                 self._sent_upto = seq

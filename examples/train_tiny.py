@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("--name", default="tiny-demo")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--step-sleep", type=float, default=0.0, help="slow each step down (tests)")
+    p.add_argument("--record", type=Path, default=None, help="also write every logged dict here, as JSON lines (tests)")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -79,6 +80,15 @@ def main() -> int:
     smoothed: dict[str, float] = {}
     params = sum(p.numel() for p in model.parameters())
 
+    record = open(a.record, "a") if a.record else None
+
+    def log(kind: str, metrics: dict, step: int) -> None:
+        (mc.log if kind == "train" else mc.log_eval)(metrics, step=step)
+        if record:
+            values = {k: float(v) for k, v in metrics.items()}  # what the client's .item() gives
+            record.write(json.dumps({"step": step, "kind": kind, "values": values}) + "\n")
+            record.flush()
+
     def ema(key: str, value: float) -> float:
         smoothed[key] = value if key not in smoothed else 0.9 * smoothed[key] + 0.1 * value
         return smoothed[key]
@@ -98,7 +108,8 @@ def main() -> int:
         tokens_per_sec = x.numel() / dt
         mfu = 6 * params * tokens_per_sec / 1e12  # against a notional 1 TFLOP/s CPU
         mem_gb = params * 4 * 4 / 1e9
-        mc.log(
+        log(
+            "train",
             {
                 "train/loss": loss,  # a 0-d tensor: the client takes .item()
                 "train/grad_norm": grad_norm,
@@ -123,7 +134,7 @@ def main() -> int:
                 logits = model(ex)
                 eval_loss = nn.functional.cross_entropy(logits, ey)
                 acc = (logits.argmax(1) == ey).float().mean()
-            mc.log_eval({"eval/loss": eval_loss, "eval/accuracy": acc}, step=step)
+            log("eval", {"eval/loss": eval_loss, "eval/accuracy": acc}, step=step)
         if ckpt and step % a.ckpt_every == 0:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             # the run ID is known at once (the sidecar answers hello); it never waits on wandb

@@ -37,6 +37,8 @@ LogFileOpt = typer.Option(None, "--log-file", help="Append the sidecar's log (an
 HeartbeatOpt = typer.Option(30.0, "--heartbeat-timeout", help="Kill and restart an uploader silent this long (wedged wandb).")
 BackoffOpt = typer.Option(2.0, "--retry-backoff", help="First delay before a failed upload is retried; doubles per failure.")
 BackoffMaxOpt = typer.Option(60.0, "--retry-backoff-max", help="Longest delay between upload retries.")
+SessionOpt = typer.Option(60.0, "--session-timeout", help="A client silent this long is presumed dead (idle clients ping every 5 s; a dead pid on this host counts at once).")
+GraceOpt = typer.Option(300.0, "--resume-grace", help="Seconds a run whose trainer died waits for a resume before it is finished as failed.")
 FlushOpt = typer.Option(1.0, "--wandb-flush-interval", help="wandb-core's transaction log flush interval (bounds replays after a kill).")
 
 
@@ -105,6 +107,8 @@ def serve(
     retry_backoff: float = BackoffOpt,
     retry_backoff_max: float = BackoffMaxOpt,
     flush_interval: float = FlushOpt,
+    session_timeout: float = SessionOpt,
+    resume_grace: float = GraceOpt,
     parent_pid: Optional[int] = typer.Option(None, "--parent-pid", help="Drain and exit when this process is gone (e.g. the job's shell: $$)."),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Drain and exit after this many seconds with no open or pending run and no client message."),
 ) -> None:
@@ -122,7 +126,8 @@ def serve(
         address, spool_dir, log_level, commit_interval_ms,
         drain_timeout=drain_timeout, init_timeout=init_timeout, finish_timeout=finish_timeout, log_file=log_file,
         heartbeat_timeout=heartbeat_timeout, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
-        flush_interval=flush_interval, parent_pid=parent_pid, idle_timeout=idle_timeout,
+        flush_interval=flush_interval, session_timeout=session_timeout, resume_grace=resume_grace,
+        parent_pid=parent_pid, idle_timeout=idle_timeout,
     )  # fmt: skip
     raise typer.Exit(run_server(cfg))
 
@@ -142,6 +147,8 @@ def run(
     retry_backoff: float = BackoffOpt,
     retry_backoff_max: float = BackoffMaxOpt,
     flush_interval: float = FlushOpt,
+    session_timeout: float = SessionOpt,
+    resume_grace: float = GraceOpt,
 ) -> None:
     """Run COMMAND under a sidecar: start one (or use the one already serving), export
     KFORGE_SIDECAR_ADDR to COMMAND, and when COMMAND exits drain and stop the sidecar it
@@ -156,7 +163,7 @@ def run(
         address, spool_dir, log_level, commit_interval_ms,
         drain_timeout=drain_timeout, init_timeout=init_timeout, finish_timeout=finish_timeout, log_file=log_file,
         heartbeat_timeout=heartbeat_timeout, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
-        flush_interval=flush_interval,
+        flush_interval=flush_interval, session_timeout=session_timeout, resume_grace=resume_grace,
     )  # fmt: skip
     raise typer.Exit(run_command(cfg, command))
 

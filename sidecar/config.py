@@ -21,6 +21,8 @@ class ServeConfig:
     heartbeat_timeout: float = 30.0  # an uploader silent this long (outside init/finish) is wedged
     retry_backoff: float = 2.0  # first delay before a failed uploader is started again
     retry_backoff_max: float = 60.0
+    session_timeout: float = 60.0  # a client silent this long is dead (idle clients ping every 5 s)
+    resume_grace: float = 300.0  # a run whose trainers died waits this long for a resume, then fails
     limits: Limits = field(default=DEFAULT_LIMITS)
     # Never outlive the job (both drain first, then exit 0):
     parent_pid: int | None = None  # exit when this process is gone

@@ -63,6 +63,12 @@ def serve_argv(cfg: ServeConfig) -> list[str]:
         "--init-timeout", str(cfg.init_timeout),
         "--finish-timeout", str(cfg.finish_timeout),
         "--commit-interval-ms", str(cfg.commit_interval * 1000.0),
+        "--heartbeat-timeout", str(cfg.heartbeat_timeout),
+        "--retry-backoff", str(cfg.retry_backoff),
+        "--retry-backoff-max", str(cfg.retry_backoff_max),
+        "--wandb-flush-interval", str(cfg.flush_interval),
+        "--session-timeout", str(cfg.session_timeout),
+        "--resume-grace", str(cfg.resume_grace),
     ]  # fmt: skip
     if cfg.log_file is not None:
         argv += ["--log-file", str(cfg.log_file)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import string
 import time
 from collections import Counter
@@ -26,8 +27,9 @@ from typing import Callable
 import zmq
 
 from client import protocol
-from client.protocol import Close, Control, Hello, Metrics, ProtocolError
+from client.protocol import Close, Control, Hello, Metrics, Ping, ProtocolError
 
+from .proc import pid_alive
 from .spool import TRUSTED_LIMITS, RunMeta, RunSpool, Spool, UploaderState
 
 log = logging.getLogger("kforge_sidecar.receiver")
@@ -50,6 +52,13 @@ class Session:
     nacked: int = -1  # the seq last nacked, so a burst of gaps gets one nack
     pid: int | None = None
     host: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)  # any message, pings included
+    local: bool = False  # its pid was seen alive on this host: pid death is proof of death
+
+    def alive(self, now: float, timeout: float) -> bool:
+        if now - self.last_seen > timeout:
+            return False
+        return not self.local or self.pid is None or pid_alive(self.pid)
 
 
 @dataclass
@@ -64,6 +73,7 @@ class RunState:
     exit_code: int | None = None
     client_dropped: int = 0  # frames the clients reported dropping (full buffer)
     sessions: set[str] = field(default_factory=set)
+    orphaned_since: float | None = None  # open, and every trainer of it gone
     dirty: bool = False
     # the state at the last successful commit, to roll back to if an fsync fails
     snapshot: tuple = ()
@@ -86,6 +96,7 @@ class RunState:
 class Receiver:
     def __init__(self, spool: Spool, limits: protocol.Limits, on_control: Callable[[str], dict]):
         self.spool = spool
+        self.host = socket.gethostname()
         self.limits = limits
         self.runs: dict[str, RunState] = {}
         self.sessions: dict[str, Session] = {}
@@ -131,12 +142,13 @@ class Receiver:
             sess = self.sessions.get(msg.session)
             if sess is None:
                 sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
+                sess.local = msg.host == self.host and pid_alive(msg.pid)
             run.sessions.add(msg.session)
             if run.closed:  # a new session after a close re-opens the run (resume)
                 run.closed = False
                 run.exit_code = None
             return
-        sess = self.sessions[msg.session]
+        sess = self.sessions.get(msg.session) or self.sessions.setdefault(msg.session, Session(msg.session, run.meta.run_id))
         sess.seq = msg.seq
         if isinstance(msg, Metrics):
             run.received += 1
@@ -160,6 +172,13 @@ class Receiver:
             return
         if isinstance(msg, Control):
             self._send(identity, protocol.Reply(body=self._on_control(msg.t)))
+            return
+        sess = self.sessions.get(msg.session)
+        if sess is not None:
+            sess.last_seen = time.monotonic()
+        if isinstance(msg, Ping):
+            if sess is None:  # e.g. this sidecar restarted with a fresh spool: the client says hello again
+                self._send(identity, protocol.Error(msg.session, "unknown session; say hello first"))
         elif isinstance(msg, Hello):
             self._hello(identity, msg, raw)
         else:
@@ -172,7 +191,9 @@ class Receiver:
             run = self.runs.get(run_id)
             try:
                 if run is None:
-                    meta = RunMeta(run_id=run_id, project=msg.project, name=msg.name, config=msg.config, host=msg.host)
+                    meta = RunMeta(
+                        run_id=run_id, project=msg.project, name=msg.name, config=msg.config, host=msg.host, wandb_init=msg.wandb
+                    )
                     rs = self.spool.create_run(meta)
                     rs.log.open_for_append()
                     run = self.runs[run_id] = RunState(spool=rs, meta=meta)
@@ -180,6 +201,9 @@ class Receiver:
                     log.info("run %s: new (project=%s name=%s pid=%d host=%s)", run_id, msg.project, msg.name, msg.pid, msg.host)
                 else:
                     log.info("run %s: session %s attached (pid=%d host=%s)", run_id, msg.session, msg.pid, msg.host)
+                    if run.orphaned_since is not None:
+                        log.info("run %s: a trainer is back within the grace; not finishing it", run_id)
+                        run.orphaned_since = None
                 # the session -> run mapping must survive a restart: it goes into the log
                 run.spool.log.append(raw)
             except OSError as exc:
@@ -225,6 +249,47 @@ class Receiver:
         self._apply(run, msg)
         run.dirty = True
         self._acks[sess.session] = sess
+
+    # ---------------------------------------------------------------- dead trainers
+
+    def reap_orphans(self, session_timeout: float, grace: float) -> None:
+        """Finish, as failed, the open runs whose trainers all died without close().
+
+        A trainer counts as dead when its pid is gone (a trainer on this host)
+        or it has been silent for ``session_timeout`` (clients ping while idle).
+        The run waits ``grace`` seconds for a resume to re-attach; then the
+        sidecar appends a close with exit code 1 in its own name, so the
+        uploader uploads everything that arrived and finishes the run.
+        """
+        now = time.monotonic()
+        for run in self.runs.values():
+            if run.closed or not run.sessions:
+                continue
+            if any(self.sessions[s].alive(now, session_timeout) for s in run.sessions if s in self.sessions):
+                run.orphaned_since = None
+                continue
+            if run.orphaned_since is None:
+                run.orphaned_since = now
+                log.warning(
+                    "run %s: its trainer is gone without close(); finishing it as failed in %.0fs unless it resumes",
+                    run.meta.run_id, grace,
+                )  # fmt: skip
+            elif now - run.orphaned_since >= grace:
+                self._close_for_dead_trainer(run)
+
+    def _close_for_dead_trainer(self, run: RunState) -> None:
+        session = f"sidecar-{run.meta.run_id}"[:64]  # the sidecar's own session: no client's seqs are touched
+        seq = self.sessions[session].seq + 1 if session in self.sessions else 1
+        msg = Close(session=session, seq=seq, exit_code=1)
+        try:
+            run.spool.log.append(protocol.encode(msg))
+        except OSError as exc:
+            self._disk_failed(run.meta.run_id, exc)
+            return
+        self._apply(run, msg)
+        run.dirty = True
+        run.orphaned_since = None
+        log.warning("run %s: no trainer came back; finishing it as failed (exit code 1)", run.meta.run_id)
 
     # ---------------------------------------------------------------- commit
 

@@ -156,6 +156,7 @@ class Server:
                 self.receiver.commit(sock)
                 last_commit = now
             if now - last_tick >= SUPERVISE_EVERY:
+                self.receiver.reap_orphans(self.cfg.session_timeout, self.cfg.resume_grace)
                 self.supervisor.tick(self.receiver.runs)
                 last_tick = now
                 reason = self._exit_reason(now)

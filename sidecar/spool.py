@@ -82,6 +82,7 @@ class RunMeta:
     name: str | None
     config: dict[str, Any]
     host: str
+    wandb_init: dict[str, Any] = field(default_factory=dict)  # per-run wandb.init options
     created: float = field(default_factory=time.time)
 
 
@@ -93,6 +94,7 @@ class UploaderState:
     state: str = "waiting"  # waiting, initializing, live, retrying, failed, finished
     offset: int = 0  # the restart point: everything before it is kept by wandb
     trusted: int = 0  # metrics frames before ``offset``
+    trusted_step: int | None = None  # the highest step before ``offset``
     uploaded: int = 0  # metrics frames handed to wandb (>= trusted)
     last_step: int | None = None
     error: str | None = None

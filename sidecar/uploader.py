@@ -90,6 +90,10 @@ class Uploader:
         self._handed_offset = self.state.offset
         self._drain_deadline: float | None = None
         self._txlog: TransactionLog | None = None
+        # the highest step handed to the wandb run (after a restart: the highest kept);
+        # a frame below it means a resume from a checkpoint
+        self._max_step: int | None = self.state.trusted_step
+        self._rewind_to: int | None = None
 
     def stop(self, *_: Any) -> None:
         """SIGTERM: hand wandb what is spooled within half the drain time, then finish."""
@@ -121,10 +125,22 @@ class Uploader:
                 for rec in self.spool.log.records(self._handed_offset):
                     msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
                     if isinstance(msg, Metrics):
+                        if self._max_step is not None and msg.step < self._max_step:
+                            # A trainer resumed from an earlier checkpoint: wandb would drop
+                            # these steps. Rewind the run to just before them instead.
+                            if self.run is not None:
+                                log.info(
+                                    "run %s: step %d after step %d: a resume from a checkpoint; "
+                                    "closing this segment and rewinding the run", meta.run_id, msg.step, self._max_step,
+                                )  # fmt: skip
+                                self._finish(None)
+                                return EXIT_DONE  # a fresh uploader inits with the rewind
+                            self._rewind_to = msg.step - 1
                         if self.run is None and not self._init(meta):
                             return EXIT_DONE
                         if msg.values:
                             self.run.log(msg.values, step=msg.step)
+                        self._max_step = msg.step if self._max_step is None else max(self._max_step, msg.step)
                         self.state.uploaded += 1
                         self.state.last_step = msg.step
                         self._handed.append((time.monotonic(), rec.end, self.state.uploaded, msg.step))
@@ -179,15 +195,21 @@ class Uploader:
             x_disable_stats=True,  # this process's CPU and memory are not the job's
             silent=True,
         )
+        opts = dict(meta.wandb_init)
+        if "base_url" in opts:
+            settings.base_url = opts.pop("base_url")
+        if self._rewind_to is not None:
+            # resume_from rewinds the run's history to that step and continues it; offline
+            # the rewind is recorded as the run's branch point and applied at `wandb sync`
+            opts["resume_from"] = f"{meta.run_id}?_step={self._rewind_to}"
+            log.info("run %s: rewinding to step %d", meta.run_id, self._rewind_to)
+        else:
+            opts["id"] = meta.run_id
+            opts["resume"] = "allow"  # a deleted run comes back as a fresh one under this ID
         t0 = time.monotonic()
         try:
             self.run = wandb.init(
-                project=meta.project or None,
-                name=meta.name,
-                id=meta.run_id,
-                resume="allow",
-                config=meta.config,
-                settings=settings,
+                project=meta.project or None, name=meta.name, config=meta.config, settings=settings, **opts
             )
         except Exception as exc:  # wandb.errors.Error and whatever its backend raises
             reason = f"WandB init failed: {type(exc).__name__}: {exc}"
@@ -198,6 +220,8 @@ class Uploader:
             self.state.busy_until = None
         self.offline = bool(getattr(self.run.settings, "_offline", False))
         self._txlog = TransactionLog(Path(self.run.dir).parent / f"run-{self.run.id}.wandb")
+        if self._rewind_to is not None:
+            self._max_step, self._rewind_to = self._rewind_to, None
         self.state.state = "live"
         self.state.error = None
         self.state.wandb_dir = str(Path(self.run.dir).parent)
@@ -242,6 +266,7 @@ class Uploader:
         self._handed.clear()
         self.state.offset = self._handed_offset
         self.state.trusted = self.state.uploaded
+        self.state.trusted_step = self._max_step
 
     def _trust_flushed(self) -> None:
         """Offline: move the cursor over the frames whose step wandb-core has written.
@@ -253,7 +278,7 @@ class Uploader:
         if self._txlog is not None:
             written = self._txlog.last_step()
             while self._handed and written is not None and self._handed[0][3] <= written:
-                _, self.state.offset, self.state.trusted, _ = self._handed.popleft()
+                _, self.state.offset, self.state.trusted, self.state.trusted_step = self._handed.popleft()
         if not self._handed and self.run is None:
             self.state.offset = self._handed_offset  # only records with nothing for wandb
 

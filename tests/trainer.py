@@ -56,6 +56,7 @@ def main() -> int:
     p.add_argument("--name", default=None)
     p.add_argument("--run-id", default=None)
     p.add_argument("--config", default="{}")
+    p.add_argument("--wandb-init", default="{}", help="per-run wandb.init options, JSON")
     p.add_argument("--close-timeout", type=float, default=30.0)
     p.add_argument("--no-close", action="store_true")
     p.add_argument("--sleep", type=float, default=0.0)
@@ -68,7 +69,9 @@ def main() -> int:
 
     from client import MetricsClient
 
-    mc = MetricsClient(project=a.project, name=a.name, run_id=a.run_id, config=json.loads(a.config))
+    mc = MetricsClient(
+        project=a.project, name=a.name, run_id=a.run_id, config=json.loads(a.config), wandb_init=json.loads(a.wandb_init)
+    )
     raised = None
     last_step = None
     try:

@@ -1,0 +1,164 @@
+"""Run lifecycle (issue #4): resume on the same chart, dead trainers, many trainers per sidecar.
+
+Real processes throughout: a sidecar, trainer processes (the tiny torch demo
+trainer for the checkpoint flow), wandb offline, read back from wandb's own
+record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT, all_history, finish_trainer, start_trainer, stop_process, wait_for, wandb_records, wandb_summary
+from fakewandb import FakeWandb
+from trainer import train_metrics
+
+TINY = ROOT / "examples" / "train_tiny.py"
+
+
+def segments(env, run_id: str) -> list:
+    """The run's .wandb files in the order wandb wrote them (one per wandb.init)."""
+    return sorted(env.wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+
+
+def history_by_step(path) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for rec in wandb_records(path):
+        if rec.get("type") == "history":
+            item = rec["history"]["item"]
+            rows[item["_step"]] = {k: v for k, v in item.items() if not k.startswith("_")}
+    return rows
+
+
+def branch_point(path) -> dict | None:
+    for rec in wandb_records(path):
+        if rec.get("type") == "run":
+            return rec["run"].get("branch_point")
+    return None
+
+
+def test_resume_from_an_earlier_checkpoint_keeps_every_resumed_step_on_the_same_run(env, sidecar, tmp_path):
+    sc = sidecar("--session-timeout", "5", "--resume-grace", "120")
+    ckpt = tmp_path / "ckpt"
+    first = subprocess.Popen(
+        [sys.executable, str(TINY), "--steps", "300", "--ckpt-every", "100", "--ckpt-dir", str(ckpt),
+         "--step-sleep", "0.03", "--eval-every", "50"],
+        env=env.vars(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        run = wait_for(lambda: (s := sc.status()) and s["runs"] and (s["runs"][0]["last_step"] or 0) >= 250 and s["runs"][0], 120)
+        first.send_signal(signal.SIGKILL)  # a crash at about step 250, after the checkpoint at 200
+        first.wait(10)
+    finally:
+        stop_process(first)
+    run_id = run["run_id"]
+
+    record = tmp_path / "resumed.jsonl"
+    r = subprocess.run(
+        [sys.executable, str(TINY), "--steps", "400", "--ckpt-every", "100", "--ckpt-dir", str(ckpt), "--resume",
+         "--eval-every", "50", "--record", str(record)],
+        env=env.vars(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from step 200 (wandb run {run_id})" in r.stdout
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["run_id"] == run_id and out["closed"] is True  # one run ID throughout
+
+    st = sc.wait_run(run_id, "finished", timeout=120)
+    assert st["exit_code"] == 0
+    assert [x["run_id"] for x in sc.status()["runs"]] == [run_id]
+
+    # what the resumed attempt logged, step by step (train and eval rows merge per step)
+    resumed: dict[int, dict] = {}
+    for line in record.read_text().splitlines():
+        entry = json.loads(line)
+        resumed.setdefault(entry["step"], {}).update(entry["values"])
+    assert sorted(resumed) == list(range(201, 401))
+
+    files = segments(env, run_id)
+    assert len(files) >= 2
+    # the segment after the crash was rewound to the checkpoint, and holds the resumed
+    # trajectory exactly: every (step, key, value) the resumed attempt logged
+    assert branch_point(files[-1]) == {"metric": "_step", "run": run_id, "value": 200}
+    assert history_by_step(files[-1]) == resumed
+    assert wandb_summary(files[-1])["exit_code"] == 0
+    # and the first attempt's record reaches past the crash point on the same run
+    assert max(history_by_step(files[0])) >= 249
+
+
+def test_trainer_killed_without_close_is_finished_as_failed_after_the_grace(env, sidecar):
+    sc = sidecar("--session-timeout", "5", "--resume-grace", "2")
+    trainer = start_trainer(env, "--steps", "100000", "--sleep", "0.005")
+    try:
+        run = wait_for(lambda: (s := sc.status()) and s["runs"] and s["runs"][0]["received"] > 150 and s["runs"][0], 60)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+    finally:
+        stop_process(trainer)
+    run_id = run["run_id"]
+    st = sc.wait_run(run_id, "finished", timeout=60)
+    assert st["exit_code"] == 1
+    assert "its trainer is gone without close()" in sc.log()
+    assert "finishing it as failed (exit code 1)" in sc.log()
+    # every frame that arrived is in wandb's record, and the run ended failed
+    rows, _ = all_history(env.wandb_dir, run_id)
+    assert rows == {s: train_metrics(s) for s in range(1, st["received"] + 1)}
+    summary = wandb_summary(segments(env, run_id)[-1])
+    assert summary["exit_code"] == 1
+
+
+def test_resume_within_the_grace_reattaches_without_a_new_init(env, sidecar):
+    sc = sidecar("--session-timeout", "5", "--resume-grace", "60")
+    trainer = start_trainer(env, "--steps", "100000", "--sleep", "0.005")
+    try:
+        run = wait_for(lambda: (s := sc.status()) and s["runs"] and s["runs"][0]["received"] > 100 and s["runs"][0], 60)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+    finally:
+        stop_process(trainer)
+    run_id = run["run_id"]
+    last = wait_for(lambda: (r := sc.run(run_id)) and r["uploaded"] == r["received"] and r, 30)["received"]
+    wait_for(lambda: "its trainer is gone" in sc.log(), 30)
+    pid = sc.run(run_id)["uploader_pid"]
+    # the job is requeued onto the same node and continues after its last step
+    out = finish_trainer(start_trainer(env, "--steps", "50", "--start", str(last + 1), "--run-id", run_id))
+    assert out["run_id"] == run_id and out["closed"] is True
+    st = sc.wait_run(run_id, "finished", timeout=60)
+    assert st["exit_code"] == 0 and st["uploader_restarts"] == 0
+    assert "a trainer is back within the grace; not finishing it" in sc.log()
+    assert "finishing it as failed (exit code 1)" not in sc.log()
+    assert f"uploader started (pid {pid})" in sc.log() and sc.log().count("uploader started") == 1
+    files = segments(env, run_id)
+    assert len(files) == 1  # one wandb.init: re-attached, not re-initialised
+    assert history_by_step(files[0]) == {s: train_metrics(s) for s in range(1, last + 51)}
+
+
+def test_eight_trainers_share_a_sidecar_and_a_hung_backend_delays_none_of_the_others(env, sidecar):
+    hang = FakeWandb("hang").start()
+    try:
+        env.extra["WANDB_API_KEY"] = "k" * 40  # offline runs ignore it; the online one needs one
+        sc = sidecar("--init-timeout", "600")
+        hung = start_trainer(
+            env, "--steps", "100", "--name", "hung",
+            "--wandb-init", json.dumps({"mode": "online", "base_url": hang.url}),
+        )  # fmt: skip
+        others = [start_trainer(env, "--steps", "150", "--eval-every", "0", "--name", f"t{i}") for i in range(7)]
+        outs = [finish_trainer(t, timeout=180) for t in others]
+        hung_out = finish_trainer(hung, timeout=180)
+        assert hung_out["closed"] is True  # durable in the spool; the trainer is done
+        for out in outs:
+            st = sc.wait_run(out["run_id"], "finished", timeout=120)
+            assert st["uploader_restarts"] == 0
+            rows, dups = all_history(env.wandb_dir, out["run_id"])
+            assert rows == {s: train_metrics(s) for s in range(1, 151)} and dups == 0
+        assert len({o["run_id"] for o in outs} | {hung_out["run_id"]}) == 8  # a run, spool and uploader each
+        stuck = sc.run(hung_out["run_id"])
+        assert stuck["state"] == "initializing" and stuck["pending"] == 100
+        assert hang.requests(), "the hung run never reached its backend"
+        assert sorted(os.listdir(env.spool / "runs")) == sorted([o["run_id"] for o in outs] + [hung_out["run_id"]])
+    finally:
+        hang.stop()
