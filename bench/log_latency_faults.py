@@ -104,8 +104,10 @@ def child(scenario: str, calls: int) -> dict | None:
     finally:
         for pid in stopped:
             os.killpg(pid, signal.SIGCONT)
-        uploaders = children(sidecar.pid)  # each leads its own process group, with its wandb-core
-        for pid in [sidecar.pid, *uploaders]:
+        # each uploader leads its own process group, and its wandb-core has a session of its own
+        uploaders = children(sidecar.pid)
+        cores = [c for u in uploaders for c in children(u)]
+        for pid in [sidecar.pid, *uploaders, *cores]:
             try:
                 os.killpg(pid, signal.SIGCONT)
                 os.killpg(pid, signal.SIGKILL)

@@ -2,5 +2,6 @@
 
 from .address import resolve_address
 from .metrics_client import ClientStats, MetricsClient
+from .backend import SidecarBackend
 
-__all__ = ["MetricsClient", "ClientStats", "resolve_address"]
+__all__ = ["MetricsClient", "ClientStats", "SidecarBackend", "resolve_address"]

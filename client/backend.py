@@ -21,51 +21,18 @@ silent in the child (one created after is made inert by the client itself).
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
-import math
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
+from . import protocol
 from .metrics_client import MetricsClient
 
 log = logging.getLogger("kforge_sidecar.backend")
 
 DEFAULT_PROJECT = "kempnerforge"
 CLOSE_RUN_ID_WAIT = 2.0  # seconds close() waits for a run ID it does not know yet
-
-
-def _jsonable(value: Any, depth: int = 0) -> Any:
-    """The run config as JSON-shaped data (what the sidecar accepts for wandb's config).
-
-    A KempnerForge JobConfig is nested dataclasses holding enums, torch dtypes and
-    tuples: dataclasses and mappings become dicts, sequences lists, enums their
-    value, non-finite floats and anything else their str().
-    """
-    if depth > 24:
-        return str(value)
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, enum.Enum):
-        return _jsonable(value.value, depth + 1)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name, None), depth + 1) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v, depth + 1) for v in value]
-    item = getattr(value, "item", None)  # numpy scalars, 0-d tensors
-    if item is not None and getattr(value, "ndim", None) == 0:
-        try:
-            return _jsonable(item(), depth + 1)
-        except Exception:
-            pass
-    return str(value)
 
 
 class SidecarBackend:
@@ -177,7 +144,7 @@ class SidecarBackend:
                 "project": getattr(cfg, "wandb_project", None) or DEFAULT_PROJECT,
                 "name": getattr(cfg, "wandb_run_name", None) or None,
                 "run_id": str(getattr(cfg, "wandb_run_id", None) or "") or None,
-                "config": _jsonable(self._run_config) if self._run_config is not None else None,
+                "config": protocol.jsonable(self._run_config) if self._run_config is not None else None,
                 "address": getattr(cfg, "sidecar_address", None) or None,
             }
             if kwargs["config"] is not None and not isinstance(kwargs["config"], dict):

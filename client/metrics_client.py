@@ -70,7 +70,7 @@ class MetricsClient:
         project: str = "kempnerforge",
         name: str | None = None,
         run_id: str | None = None,
-        config: Mapping[str, Any] | None = None,
+        config: Any = None,
         address: str | None = None,
         *,
         wandb_init: Mapping[str, Any] | None = None,
@@ -86,7 +86,10 @@ class MetricsClient:
             if not protocol.RUN_ID_RE.match(run_id):
                 raise ValueError(f"run_id {run_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
             self._run_id_ready.set()
-        self._config = dict(config or {})
+        # JSON-shaped, so that the hello can always be sent (enums, dtypes, dataclasses, NaN...)
+        self._config = protocol.jsonable(config or {})
+        if not isinstance(self._config, dict):
+            raise ValueError(f"config must be a mapping or a dataclass, not {type(config).__name__}")
         self._wandb_init = dict(wandb_init or {})
         unknown = set(self._wandb_init) - set(protocol.WANDB_INIT_KEYS)
         if unknown:

@@ -30,10 +30,12 @@ it was acknowledged or dropped for good, so the sidecar stops waiting for it.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 import msgpack
 
@@ -248,6 +250,36 @@ def check_values(values: Any, limits: Limits) -> dict[str, Scalar]:
         if type(value) not in (int, float, bool):
             raise ProtocolError("bad_value", f"{key!r} is a {type(value).__name__}, not a scalar")
     return values
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """The run config as JSON-shaped data (what the sidecar accepts for wandb's config).
+
+    A KempnerForge JobConfig is nested dataclasses holding enums, torch dtypes and
+    tuples: dataclasses and mappings become dicts, sequences lists, enums their
+    value, non-finite floats and anything else their str().
+    """
+    if depth > 24:
+        return str(value)
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value, depth + 1)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name, None), depth + 1) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, depth + 1) for v in value]
+    item = getattr(value, "item", None)  # numpy scalars, 0-d tensors
+    if item is not None and getattr(value, "ndim", None) == 0:
+        try:
+            return jsonable(item(), depth + 1)
+        except Exception:
+            pass
+    return str(value)
 
 
 def _check_config(value: Any, depth: int, limits: Limits) -> None:

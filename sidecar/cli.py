@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 
 AddressOpt = typer.Option(None, "--address", "-a", help="ZeroMQ address (default: $KFORGE_SIDECAR_ADDR, else a per-user ipc socket).")
-SpoolOpt = typer.Option(None, "--spool-dir", help="Spool directory (default: $KFORGE_SPOOL_DIR, else ~/.local/state/kforge-sidecar/spool).")
+SpoolOpt = typer.Option(None, "--spool-dir", help="Spool directory (default: $KFORGE_SPOOL_DIR, else ~/.local/state/kforge-sidecar/spool-$HOSTNAME).")
 # serve's options, shared with `run` (which passes them on to the sidecar it starts)
 LogLevelOpt = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 DrainOpt = typer.Option(30.0, "--drain-timeout", help="Seconds uploaders get to drain on SIGTERM or stop.")

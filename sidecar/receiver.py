@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgpack
 import zmq
 
 from client import protocol
@@ -168,7 +169,7 @@ class Receiver:
         try:
             msg = protocol.decode_request(raw, self.limits)
         except ProtocolError as exc:
-            self._reject(identity, exc)
+            self._reject(identity, exc, raw)
             return
         if isinstance(msg, Control):
             self._send(identity, protocol.Reply(body=self._on_control(msg.t)))
@@ -357,7 +358,7 @@ class Receiver:
         else:
             _route(sock, identity, frame)
 
-    def _reject(self, identity: bytes | None, exc: ProtocolError) -> None:
+    def _reject(self, identity: bytes | None, exc: ProtocolError, raw: bytes = b"") -> None:
         self.rejected[exc.reason] += 1
         now = time.monotonic()
         # a flood of garbage must not flood the log: one line per reason per 10 s
@@ -365,7 +366,17 @@ class Receiver:
             self._last_reject_log[exc.reason] = now
             log.warning("rejected frame: %s (%d rejected for this reason so far)", exc, self.rejected[exc.reason])
         if identity is not None:
-            self._send(identity, protocol.Error(None, str(exc), fatal=exc.reason == "version"))
+            # A rejected hello is fatal too: the client could only repeat it, forever.
+            fatal = exc.reason == "version" or _is_hello(raw)
+            self._send(identity, protocol.Error(None, str(exc), fatal=fatal))
+
+
+def _is_hello(raw: bytes) -> bool:
+    try:
+        obj = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("t") == "hello"
 
 
 def _route(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:

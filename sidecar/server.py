@@ -57,6 +57,8 @@ class Server:
         self._last_activity = time.monotonic()  # a client message, or a tick with an open or pending run
         self._host = socket.gethostname()
         self._lock_fd: int | None = None
+        self._lock_path: Path | None = None
+        self._spool_lock_fd: int | None = None
         self._sock_path = ipc_path(cfg.address)
 
     # ---------------------------------------------------------------- startup
@@ -69,21 +71,12 @@ class Server:
             ensure_socket_dir(self._sock_path)
         except SocketDirError as exc:
             raise StartupError(str(exc), EXIT_UNSAFE) from None
-        lock_path = self._sock_path.with_name(self._sock_path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartupError(
-                f"another kforge-sidecar (pid {owner}) already serves {self.cfg.address}; "
-                "use `kforge-sidecar status` to see it, or --address for a second one",
-                EXIT_IN_USE,
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_path = self._sock_path.with_name(self._sock_path.name + ".lock")
+        self._lock_fd = _lock_file(
+            self._lock_path,
+            "another kforge-sidecar (pid {owner}) already serves "
+            f"{self.cfg.address}; use `kforge-sidecar status` to see it, or --address for a second one",
+        )
         # We hold the lock, so a socket file left here belongs to a dead sidecar.
         if self._sock_path.exists():
             self._sock_path.unlink()
@@ -108,6 +101,11 @@ class Server:
     def serve(self) -> int:
         self._claim_address()
         self.spool.ensure()
+        # One sidecar per spool: two would both recover, repair and upload the same runs.
+        self._spool_lock_fd = _lock_file(
+            self.spool.root / "sidecar.lock",
+            "spool {path} is in use by another kforge-sidecar (pid {owner}); give each sidecar its own --spool-dir",
+        )
         self.receiver.recover()
         ctx = zmq.Context()
         sock = self._bind(ctx)
@@ -247,12 +245,33 @@ class Server:
 
     def _release(self) -> None:
         if self._sock_path is not None and self._lock_fd is not None:
-            try:
-                self._sock_path.unlink()
-            except FileNotFoundError:
-                pass
+            for path in (self._sock_path, self._lock_path):  # leave the socket directory clean
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._spool_lock_fd is not None:
+            os.close(self._spool_lock_fd)
+            self._spool_lock_fd = None
+
+
+def _lock_file(path: Path, busy: str) -> int:
+    """Hold an exclusive lock on ``path`` (with our pid in it) for the process's life.
+
+    The kernel drops it when we die, so a crashed sidecar never blocks the next.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(busy.format(owner=owner, path=path.parent), EXIT_IN_USE) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def serve(cfg: ServeConfig) -> int:

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import socket
 import struct
 import time
 import zlib
@@ -39,11 +40,16 @@ TRUSTED_LIMITS = Limits(max_frame_bytes=MAX_RECORD, max_hello_bytes=MAX_RECORD, 
 
 
 def default_spool_dir() -> Path:
+    """$KFORGE_SPOOL_DIR, else a per-host directory under $XDG_STATE_HOME (~/.local/state).
+
+    Per host, because a home directory is often shared by every node of a
+    cluster, and one spool serves one sidecar.
+    """
     env = os.environ.get("KFORGE_SPOOL_DIR")
     if env:
         return Path(env)
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "kforge-sidecar" / "spool"
+    return Path(state) / "kforge-sidecar" / f"spool-{socket.gethostname()}"
 
 
 def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:

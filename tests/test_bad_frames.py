@@ -86,3 +86,23 @@ def test_client_of_another_protocol_version_is_told_clearly(env, sidecar, caplog
     assert reply["t"] == "error" and reply["fatal"] is True
     assert "protocol version 2" in reply["reason"]
     assert sc.status()["sidecar"]["rejected"] == {"version": 1}
+
+
+def test_a_rejected_hello_is_fatal_so_the_client_does_not_repeat_it_forever(env, sidecar):
+    sc = sidecar()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(env.address)
+    hello = {"v": 1, "t": "hello", "session": SESSION, "project": "p", "name": None, "run_id": None,
+             "config": {"lr": float("nan")}, "pid": 1, "host": "h", "first": 1}  # fmt: skip
+    try:
+        sock.send(msgpack.packb(hello))
+        assert sock.poll(10_000)
+        reply = protocol.decode_response(sock.recv())
+    finally:
+        sock.close()
+        ctx.term()
+    assert isinstance(reply, protocol.Error) and reply.fatal is True
+    assert "non-finite" in reply.reason
+    assert sc.status()["sidecar"]["rejected"] == {"bad_field": 1}

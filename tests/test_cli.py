@@ -110,3 +110,17 @@ def test_torn_tail_is_cut_on_start_and_the_rest_uploaded(env, sidecar):
     assert again.stop() == 0  # drain: wandb gets what is spooled
     rows = wandb_history(wandb_file(env.wandb_dir, run_id))
     assert rows == {s: train_metrics(s) for s in range(1, 26)}
+
+
+def test_second_sidecar_on_the_same_spool_is_refused(env, sidecar):
+    """Two sidecars on one spool would both recover and upload the same runs."""
+    first = sidecar()
+    other = env.base / "sock2"
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--address", f"ipc://{other}/s.sock"],
+        env=env.vars(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert f"spool {env.spool} is in use by another kforge-sidecar (pid {first.proc.pid})" in r.stderr
+    assert first.stop() == 0
+    assert not list((env.base / "sock").iterdir())  # socket and lock file gone after a clean stop

@@ -120,3 +120,24 @@ def test_live_sidecar_flush_and_stats(env, sidecar, monkeypatch):
     s = mc.stats()
     assert (s.logged, s.sent, s.acked, s.buffered, s.dropped) == (100, 100, 100, 0, 0)
     assert mc.close(10)
+
+
+def test_config_of_any_shape_is_made_json_shaped(nowhere):
+    """KempnerForge's JobConfig holds dataclasses, enums, torch dtypes and tuples: the
+    hello must still be sendable (a config msgpack cannot hold used to kill the sender)."""
+    import dataclasses
+    import enum
+
+    class Mode(enum.Enum):
+        FSDP = "fsdp"
+
+    @dataclasses.dataclass
+    class Model:
+        dim: int = 256
+        dtype: object = torch.bfloat16
+        shape: tuple = (2, 3)
+
+    mc = MetricsClient(address=nowhere, config={"model": Model(), "mode": Mode.FSDP, "lr": float("nan")})
+    assert mc._config == {"model": {"dim": 256, "dtype": "torch.bfloat16", "shape": [2, 3]}, "mode": "fsdp", "lr": "nan"}
+    assert protocol.decode_request(protocol.encode(mc._make_hello(1))).config == mc._config
+    mc.close(timeout=0.1)
