@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/log_latency.py
+	$(PY) bench/log_latency_faults.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out *.egg-info

@@ -156,7 +156,7 @@ class Uploader:
                         log.warning("run %s: drain time is up; the rest stays in the spool", self.spool.run_id)
                         break  # keep the rest of the deadline for finish()
                 self._save()
-                if draining:
+                if draining or self.draining:
                     # The job is ending, the sidecar is gone, or sync reached the
                     # end: hand wandb what we have and stop. Frames that arrive
                     # later stay in the spool for the next uploader.
