@@ -191,11 +191,14 @@ def run_trainer(env: Env, *args: str, timeout: float = 120) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def start_trainer(env: Env, *args: str) -> subprocess.Popen:
-    """tests/trainer.py in the background; pair with ``finish_trainer``."""
+def start_trainer(env: Env, *args: str, script: Path = TRAINER) -> subprocess.Popen:
+    """tests/trainer.py (or another trainer script that prints a JSON report last) in
+    the background, with tests/ importable; pair with ``finish_trainer``."""
+    env_vars = env.vars()
+    env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRAINER.parent), env_vars.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, str(TRAINER), *args],
-        env=env.vars(),
+        [sys.executable, str(script), *args],
+        env=env_vars,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -6,21 +6,17 @@ Arrival is proven by reading wandb's own record back (offline), never by mocking
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import types
 from pathlib import Path
 
-from conftest import all_history, stop_process, wait_for, wandb_summary
+from conftest import all_history, finish_trainer, start_trainer, wait_for, wandb_summary
 from trainer import KEYS, eval_metrics, train_metrics
 
 from client.backend import SidecarBackend
 
-TESTS = Path(__file__).resolve().parent
 
 # A KempnerForge-like training script: lazy backend, run ID into ckpt_extra, close.
 SCRIPT = r"""
@@ -72,20 +68,7 @@ print(json.dumps({"lazy": lazy, "raised": raised, "written_by_log": written_by_l
 
 
 def _run_script(env, script: Path, *args: str, timeout: float = 60) -> dict:
-    vars = env.vars()
-    vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), vars.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
-        env=vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        stop_process(proc)
-    assert proc.returncode == 0, f"script failed ({proc.returncode}):\n{stdout}\n{stderr}"
-    out = json.loads(stdout.strip().splitlines()[-1])
-    assert out["raised"] is None, out["raised"]
-    return out
+    return finish_trainer(start_trainer(env, *args, script=script), timeout=timeout)
 
 
 def _expected(steps: range, eval_every: int) -> dict[int, dict]:

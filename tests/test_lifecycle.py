@@ -41,6 +41,21 @@ def branch_point(path) -> dict | None:
     return None
 
 
+def kill_trainer_mid_run(env, sc, after_frames: int) -> str:
+    """A trainer logging for ever, SIGKILLed once the sidecar has more than ``after_frames``
+    of its frames: a crash without close(). Returns the run ID."""
+    trainer = start_trainer(env, "--steps", "100000", "--sleep", "0.005")
+    try:
+        run = wait_for(
+            lambda: (s := sc.status()) and s["runs"] and s["runs"][0]["received"] > after_frames and s["runs"][0], 60
+        )
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+    finally:
+        stop_process(trainer)
+    return run["run_id"]
+
+
 def test_resume_from_an_earlier_checkpoint_keeps_every_resumed_step_on_the_same_run(env, sidecar, tmp_path):
     sc = sidecar("--session-timeout", "5", "--resume-grace", "120")
     ckpt = tmp_path / "ckpt"
@@ -92,14 +107,7 @@ def test_resume_from_an_earlier_checkpoint_keeps_every_resumed_step_on_the_same_
 
 def test_trainer_killed_without_close_is_finished_as_failed_after_the_grace(env, sidecar):
     sc = sidecar("--session-timeout", "5", "--resume-grace", "2")
-    trainer = start_trainer(env, "--steps", "100000", "--sleep", "0.005")
-    try:
-        run = wait_for(lambda: (s := sc.status()) and s["runs"] and s["runs"][0]["received"] > 150 and s["runs"][0], 60)
-        trainer.send_signal(signal.SIGKILL)
-        trainer.wait(10)
-    finally:
-        stop_process(trainer)
-    run_id = run["run_id"]
+    run_id = kill_trainer_mid_run(env, sc, after_frames=150)
     st = sc.wait_run(run_id, "finished", timeout=60)
     assert st["exit_code"] == 1
     assert "its trainer is gone without close()" in sc.log()
@@ -113,14 +121,7 @@ def test_trainer_killed_without_close_is_finished_as_failed_after_the_grace(env,
 
 def test_resume_within_the_grace_reattaches_without_a_new_init(env, sidecar):
     sc = sidecar("--session-timeout", "5", "--resume-grace", "60")
-    trainer = start_trainer(env, "--steps", "100000", "--sleep", "0.005")
-    try:
-        run = wait_for(lambda: (s := sc.status()) and s["runs"] and s["runs"][0]["received"] > 100 and s["runs"][0], 60)
-        trainer.send_signal(signal.SIGKILL)
-        trainer.wait(10)
-    finally:
-        stop_process(trainer)
-    run_id = run["run_id"]
+    run_id = kill_trainer_mid_run(env, sc, after_frames=100)
     last = wait_for(lambda: (r := sc.run(run_id)) and r["uploaded"] == r["received"] and r, 30)["received"]
     wait_for(lambda: "its trainer is gone" in sc.log(), 30)
     pid = sc.run(run_id)["uploader_pid"]
