@@ -155,10 +155,11 @@ def run(
     started. SIGTERM/SIGINT go to COMMAND first. Inside a SLURM job with no address given,
     the socket is per job. Exit status: COMMAND's (128+N if signal N killed it; 125 if no
     sidecar could be started, 126/127 if COMMAND cannot be executed / is not found)."""
-    from .launcher import job_address, run_command
+    from .launcher import job_address, job_spool_dir, run_command
 
     _setup_logging(log_level)
     address = address or job_address()
+    spool_dir = spool_dir or job_spool_dir()
     cfg = _serve_config(
         address, spool_dir, log_level, commit_interval_ms,
         drain_timeout=drain_timeout, init_timeout=init_timeout, finish_timeout=finish_timeout, log_file=log_file,
@@ -216,11 +217,11 @@ def sync(
     finish_timeout: float = typer.Option(300.0, "--finish-timeout", help="Seconds wandb finish may take."),
     log_level: str = typer.Option("WARNING", "--log-level"),
 ) -> None:
-    """Upload runs left in the spool (failed, interrupted, or spooled offline). Exit 0 if all of it got out."""
+    """Upload runs left in the spool, or in the spools below it (failed, interrupted, or spooled offline). Exit 0 if all of it got out."""
     from .sync import sync as run_sync
 
     _setup_logging(log_level)
-    raise typer.Exit(run_sync(Spool(spool_dir or default_spool_dir()), run_ids or [], init_timeout, finish_timeout, log_level))
+    raise typer.Exit(run_sync(spool_dir or default_spool_dir(), run_ids or [], init_timeout, finish_timeout, log_level))
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from typing import Any
 from client.address import ENV_ADDRESS, default_socket_dir, ipc_path
 
 from .config import ServeConfig
+from .spool import default_spool_dir
 from .proc import pid_alive
 from .server import EXIT_IN_USE
 
@@ -49,6 +51,16 @@ def job_address(environ: dict[str, str] = os.environ) -> str | None:  # type: ig
     job = environ.get("SLURM_JOB_ID")
     if job and not environ.get(ENV_ADDRESS):
         return f"ipc://{default_socket_dir() / f'sidecar-job{job}.sock'}"
+    return None
+
+
+def job_spool_dir(environ: dict[str, str] = os.environ) -> Path | None:  # type: ignore[assignment]
+    """Inside a SLURM job, with no spool given: one spool per job (a spool serves one
+    sidecar, and two jobs of one user can share a node). `kforge-sidecar sync` finds it
+    under the default spool directory."""
+    job = environ.get("SLURM_JOB_ID")
+    if job and not environ.get("KFORGE_SPOOL_DIR"):
+        return default_spool_dir() / f"job-{job}"
     return None
 
 

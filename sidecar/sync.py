@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,24 +43,38 @@ def pending(run: RunSpool) -> Pending:
     return Pending(run, frames, closed and st.state != "finished")
 
 
-def sync(spool: Spool, run_ids: list[str], init_timeout: float, finish_timeout: float, log_level: str) -> int:
-    """Upload the given runs (default: every run with something left). 0 if all of it got out."""
+def spools_under(root: Path, depth: int = 3) -> list[Spool]:
+    """The spool at ``root``, or every spool below it: per-job spools (``job-N/``, and
+    ``job-N/NODE/`` from the batch script) sync from their common root."""
+    if (root / "runs").is_dir():
+        return [Spool(root)]
+    if depth == 0 or not root.is_dir():
+        return []
+    return [s for d in sorted(root.iterdir()) if d.is_dir() for s in spools_under(d, depth - 1)]
+
+
+def sync(root: Path, run_ids: list[str], init_timeout: float, finish_timeout: float, log_level: str) -> int:
+    """Upload the given runs (default: every run with something left) from the spool at
+    ``root`` or the spools below it. 0 if all of it got out."""
     console = Console(stderr=True)
-    known = spool.run_ids()
-    missing = [r for r in run_ids if r not in known]
+    runs: dict[str, RunSpool] = {}
+    for spool in spools_under(root):
+        for run_id in spool.run_ids():
+            runs.setdefault(run_id, spool.run(run_id))  # run IDs are unique across spools
+    missing = [r for r in run_ids if r not in runs]
     for r in missing:
-        console.print(f"run {r}: not in spool {spool.root}")
+        console.print(f"run {r}: not in spool {root}")
     todo = []
-    for run_id in run_ids or known:
+    for run_id in run_ids or sorted(runs):
         if run_id in missing:
             continue
-        p = pending(spool.run(run_id))
+        p = pending(runs[run_id])
         if p.frames or p.closed:
             todo.append(p)
         elif run_ids:
             console.print(f"run {run_id}: nothing to upload")
     if not todo:
-        console.print(f"nothing to upload in {spool.root}")
+        console.print(f"nothing to upload in {root}")
         return 1 if missing else 0
 
     ok = not missing

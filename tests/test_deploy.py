@@ -246,7 +246,7 @@ def test_sbatch_script_runs_one_sidecar_per_node_and_drains_them(env):
         assert pid_gone(pid)
         assert "SIGTERM" not in log and "stop requested: draining" in log and "stopped" in log
         assert f"name={node} " in log  # the node's trainer reached its own node's sidecar
-        assert f"(spool {env.spool}/{node}, pid {pid})" in log  # a spool per node
+        assert f"(spool {env.spool}/job-{job}/{node}, pid {pid})" in log  # a spool per job and node
         assert not (env.base / f"kforge-{job}-{node}").exists()  # socket directory removed
     for run_id in runs:
         assert wandb_history(wandb_file(env.wandb_dir, run_id)) == expected_rows(1, 30)

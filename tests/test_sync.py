@@ -70,3 +70,27 @@ def test_sync_of_an_unknown_run_fails_clearly(env):
     )
     assert r.returncode == 1
     assert "run nosuchrun: not in spool" in r.stderr
+
+
+def test_sync_finds_per_job_spools_below_a_root(env, sidecar, backend):
+    """The SLURM scripts spool per job (and node): sync from their common root finds them."""
+    env.extra.update(backend.env(WANDB_DIR=str(env.wandb_dir)))
+    job_spool = env.spool / "job-7" / "node1"
+    sc = sidecar("--spool-dir", str(job_spool), "--init-timeout", "10")
+    out = run_trainer(env, "--steps", "15", "--name", "per-job")
+    sc.wait_run(out["run_id"], "failed", timeout=60)
+    assert sc.stop() == 0
+    backend.mode = "ok"
+    r = sc.cli("sync", "--spool-dir", str(env.spool), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert f"run {out['run_id']}: 15 frames uploaded, finished" in r.stderr
+    assert rows_at(backend, out["run_id"]) == {s: train_metrics(s) for s in range(1, 16)}
+
+
+def test_run_inside_a_slurm_job_gets_a_spool_of_its_own():
+    from sidecar.launcher import job_spool_dir
+    from sidecar.spool import default_spool_dir
+
+    assert job_spool_dir({"SLURM_JOB_ID": "42"}) == default_spool_dir() / "job-42"
+    assert job_spool_dir({"SLURM_JOB_ID": "42", "KFORGE_SPOOL_DIR": "/x"}) is None
+    assert job_spool_dir({}) is None

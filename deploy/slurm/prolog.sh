@@ -17,7 +17,7 @@
 # sidecar's own log to $KFORGE_STATE_ROOT/USER/logs/JOBID.log.
 #
 # Per job and node: socket  $KFORGE_RUN_ROOT/job-JOBID/sidecar.sock (directory 0700, the user's)
-#                   spool   $KFORGE_STATE_ROOT/USER/spool (0700, the user's; kept across jobs:
+#                   spool   $KFORGE_STATE_ROOT/USER/spool/job-JOBID (0700, the user's; kept:
 #                           what wandb did not take waits there for `kforge-sidecar sync`)
 # wandb credentials: the user's own (~/.netrc from `wandb login`, or WANDB_API_KEY in
 # the settings file for a site-wide service account).
@@ -79,7 +79,7 @@ main() {
     cd "$state" || return 0
     setsid setpriv --reuid="$uid" --regid="$gid" --init-groups -- \
         env HOME="$home" USER="$user" LOGNAME="$user" WANDB_DIR="${WANDB_DIR:-$state}" \
-        "$bin" serve --address "ipc://$run_dir/sidecar.sock" --spool-dir "$state/spool" \
+        "$bin" serve --address "ipc://$run_dir/sidecar.sock" --spool-dir "$state/spool/job-$job" \
         --log-file "$state/logs/$job.log" --drain-timeout "${KFORGE_DRAIN_TIMEOUT:-60}" ${extra[@]+"${extra[@]}"} \
         </dev/null >/dev/null 2>&1 &
     # Return only once it has left our session (or exited), so that kill cannot reach it.
