@@ -44,7 +44,7 @@ class SidecarBackend:
             ``wandb_run_id`` and optionally ``sidecar_address``. ``wandb_run_id``
             is written back on it once known.
         config: the run config for wandb (a dict, or a dataclass such as
-            KempnerForge's JobConfig; converted to JSON-shaped data on first log).
+            KempnerForge's JobConfig; the client makes it JSON-shaped on first log).
         **client_kwargs: passed to ``MetricsClient`` (e.g. ``buffer_size``,
             ``rank``, ``address``); they override what the config gives.
     """
@@ -64,19 +64,17 @@ class SidecarBackend:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Queue one step's scalars. Never blocks, never raises."""
-        client = self._client if self._client is not None else self._ensure_client()
-        if client is None:
-            return
-        client.log(metrics, step)
-        if not self._id_written:
-            self._write_back()
+        self._log("train", metrics, step)
 
     def log_eval(self, metrics: dict[str, float], step: int) -> None:
         """Queue evaluation scalars for ``step`` (same rules as ``log``)."""
+        self._log("eval", metrics, step)
+
+    def _log(self, kind: str, metrics: dict[str, float], step: int) -> None:
         client = self._client if self._client is not None else self._ensure_client()
         if client is None:
             return
-        client.log_eval(metrics, step)
+        (client.log if kind == "train" else client.log_eval)(metrics, step)
         if not self._id_written:
             self._write_back()
 
@@ -144,21 +142,16 @@ class SidecarBackend:
                 "project": getattr(cfg, "wandb_project", None) or DEFAULT_PROJECT,
                 "name": getattr(cfg, "wandb_run_name", None) or None,
                 "run_id": str(getattr(cfg, "wandb_run_id", None) or "") or None,
-                "config": protocol.jsonable(self._run_config) if self._run_config is not None else None,
+                "config": self._run_config,  # the client makes it JSON-shaped
                 "address": getattr(cfg, "sidecar_address", None) or None,
             }
-            if kwargs["config"] is not None and not isinstance(kwargs["config"], dict):
-                kwargs["config"] = {"config": kwargs["config"]}
             kwargs.update(self._client_kwargs)
-            try:
-                self._client = MetricsClient(**kwargs)
-            except (ValueError, TypeError) as exc:
-                if kwargs.get("run_id") is None:
-                    raise
+            run_id = kwargs.get("run_id")
+            if run_id is not None and not protocol.RUN_ID_RE.match(run_id):
                 # resume="allow" semantics: an unusable ID starts a fresh run, it does not stop logging
-                log.warning("kforge-sidecar backend: %s; starting a new run", exc)
+                log.warning("kforge-sidecar backend: restored run ID %r is not a valid run ID; starting a new run", run_id)
                 kwargs["run_id"] = None
-                self._client = MetricsClient(**kwargs)
+            self._client = MetricsClient(**kwargs)
         except Exception as exc:
             log.warning("kforge-sidecar backend: could not start the metrics client: %s", exc)
             self._failed = True

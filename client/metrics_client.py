@@ -2,8 +2,7 @@
 
 ``log()`` checks the values, stamps a sequence number, packs the frame and
 appends it to a bounded deque: a few microseconds, no socket, no lock, no
-exception. The
-``Transport`` thread does the rest. Non-zero ranks and forked children (e.g.
+exception. The ``Transport`` thread does the rest. Non-zero ranks and forked children (e.g.
 DataLoader workers) get an inert client.
 """
 

@@ -37,8 +37,6 @@ from . import protocol
 
 log = logging.getLogger("kforge_sidecar.client")
 
-# An item of the outbox: (seq, packed frame).
-OutItem = tuple[int, bytes]
 
 
 @dataclass
@@ -46,9 +44,8 @@ class Counters:
     """Written by the sender thread only; read by stats() from any thread."""
 
     sent: int = 0  # distinct frames handed to ZeroMQ at least once
-    resent: int = 0  # extra sends after a rewind
     acked: int = 0  # frames the sidecar confirmed durable
-    dropped: int = 0  # frames lost to a full buffer or unencodable values
+    dropped: int = 0  # frames lost to a full buffer
     highest_seen: int = 0  # highest seq taken from the outbox
 
 
@@ -230,7 +227,6 @@ class Transport(threading.Thread):
 
     def _rewind(self) -> None:
         """Resend everything unacknowledged, after a fresh hello."""
-        self.counters.resent += self._next
         self._next = 0
         self._need_hello = True
         self._welcomed = False

@@ -266,7 +266,7 @@ class Receiver:
         for run in self.runs.values():
             if run.closed or not run.sessions:
                 continue
-            if any(self.sessions[s].alive(now, session_timeout) for s in run.sessions if s in self.sessions):
+            if self.has_live_trainer(run, session_timeout):
                 run.orphaned_since = None
                 continue
             if run.orphaned_since is None:
@@ -277,6 +277,12 @@ class Receiver:
                 )  # fmt: skip
             elif now - run.orphaned_since >= grace:
                 self._close_for_dead_trainer(run)
+
+    def has_live_trainer(self, run: RunState, session_timeout: float) -> bool:
+        """A session of the run is alive: its pid runs (a trainer on this host), and it
+        was heard from within ``session_timeout``."""
+        now = time.monotonic()
+        return any(self.sessions[s].alive(now, session_timeout) for s in run.sessions if s in self.sessions)
 
     def _close_for_dead_trainer(self, run: RunState) -> None:
         session = f"sidecar-{run.meta.run_id}"[:64]  # the sidecar's own session: no client's seqs are touched

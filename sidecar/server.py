@@ -15,7 +15,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,6 @@ class Server:
         self.started = time.time()
         self.stopping = False
         self._last_activity = time.monotonic()  # a client message, or a tick with an open or pending run
-        self._host = socket.gethostname()
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
         self._spool_lock_fd: int | None = None
@@ -194,20 +192,16 @@ class Server:
         return None
 
     def _busy(self) -> bool:
-        """Some run has frames wandb has not seen, or is open: not closed, and a client
-        this sidecar heard from still runs on this host (a trainer that died without
-        closing does not hold the sidecar; clients on other hosts count by their messages)."""
+        """Some run has frames wandb has not seen, or is open with a live trainer (one
+        that died without closing does not hold the sidecar)."""
         for run_id, run in self.receiver.runs.items():
             st = self.supervisor.states.get(run_id)
             if st is None:
                 return True  # not looked at yet
             if run.needs_upload(st):
                 return True
-            if not run.closed:
-                for s in run.sessions:
-                    sess = self.receiver.sessions.get(s)
-                    if sess and sess.identity is not None and sess.host == self._host and sess.pid and pid_alive(sess.pid):
-                        return True
+            if not run.closed and self.receiver.has_live_trainer(run, self.cfg.session_timeout):
+                return True
         return False
 
     def _control(self, request: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import msgpack
+import pytest
 import zmq
 
 from client import protocol
@@ -35,29 +36,34 @@ BAD = [
 ]
 
 
-def test_bad_frames_are_rejected_counted_and_the_sidecar_keeps_serving(env, sidecar):
-    sc = sidecar()
+@pytest.fixture
+def raw(env):
+    """A bare DEALER socket on the sidecar's address: frames no MetricsClient would send."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(env.address)
-    try:
-        for parts, reason in BAD:
-            sock.send_multipart(parts)
-            assert sock.poll(10_000), f"no reply to a {reason} frame"
-            reply = protocol.decode_response(sock.recv())
-            assert isinstance(reply, protocol.Error), reply
-            assert reply.reason.startswith(reason), (reason, reply.reason)
-            # only a version mismatch tells the client to give up
-            assert reply.fatal is (reason == "version")
-        # metrics from a session that never said hello: refused, not stored
-        sock.send(metrics())
-        assert sock.poll(10_000)
+    yield sock
+    sock.close()
+    ctx.term()
+
+
+def test_bad_frames_are_rejected_counted_and_the_sidecar_keeps_serving(env, sidecar, raw):
+    sc = sidecar()
+    sock = raw
+    for parts, reason in BAD:
+        sock.send_multipart(parts)
+        assert sock.poll(10_000), f"no reply to a {reason} frame"
         reply = protocol.decode_response(sock.recv())
-        assert isinstance(reply, protocol.Error) and reply.reason.startswith("unknown session")
-    finally:
-        sock.close()
-        ctx.term()
+        assert isinstance(reply, protocol.Error), reply
+        assert reply.reason.startswith(reason), (reason, reply.reason)
+        # only a version mismatch tells the client to give up
+        assert reply.fatal is (reason == "version")
+    # metrics from a session that never said hello: refused, not stored
+    sock.send(metrics())
+    assert sock.poll(10_000)
+    reply = protocol.decode_response(sock.recv())
+    assert isinstance(reply, protocol.Error) and reply.reason.startswith("unknown session")
 
     status = sc.status()
     assert status["sidecar"]["rejected"] == dict(Counter(reason for _, reason in BAD))
@@ -70,39 +76,27 @@ def test_bad_frames_are_rejected_counted_and_the_sidecar_keeps_serving(env, side
     assert wandb_history(wandb_file(env.wandb_dir, out["run_id"])) == {s: train_metrics(s) for s in range(1, 41)}
 
 
-def test_client_of_another_protocol_version_is_told_clearly(env, sidecar, caplog):
+def test_client_of_another_protocol_version_is_told_clearly(env, sidecar, raw):
     """A future client speaking v2 gets a fatal error it can read, and the sidecar lives on."""
     sc = sidecar()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(env.address)
+    sock = raw
     hello = {"v": 2, "t": "hello", "session": SESSION, "project": "p", "pid": 1, "host": "h", "first": 1}
     sock.send(msgpack.packb(hello))
     assert sock.poll(10_000)
     reply = msgpack.unpackb(sock.recv())
-    sock.close()
-    ctx.term()
     assert reply["t"] == "error" and reply["fatal"] is True
     assert "protocol version 2" in reply["reason"]
     assert sc.status()["sidecar"]["rejected"] == {"version": 1}
 
 
-def test_a_rejected_hello_is_fatal_so_the_client_does_not_repeat_it_forever(env, sidecar):
+def test_a_rejected_hello_is_fatal_so_the_client_does_not_repeat_it_forever(env, sidecar, raw):
     sc = sidecar()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(env.address)
+    sock = raw
     hello = {"v": 1, "t": "hello", "session": SESSION, "project": "p", "name": None, "run_id": None,
              "config": {"lr": float("nan")}, "pid": 1, "host": "h", "first": 1}  # fmt: skip
-    try:
-        sock.send(msgpack.packb(hello))
-        assert sock.poll(10_000)
-        reply = protocol.decode_response(sock.recv())
-    finally:
-        sock.close()
-        ctx.term()
+    sock.send(msgpack.packb(hello))
+    assert sock.poll(10_000)
+    reply = protocol.decode_response(sock.recv())
     assert isinstance(reply, protocol.Error) and reply.fatal is True
     assert "non-finite" in reply.reason
     assert sc.status()["sidecar"]["rejected"] == {"bad_field": 1}
