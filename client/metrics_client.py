@@ -2,8 +2,9 @@
 
 ``log()`` checks the values, stamps a sequence number, packs the frame and
 appends it to a bounded deque: a few microseconds, no socket, no lock, no
-exception. The ``Transport`` thread does the rest. Non-zero ranks and forked children (e.g.
-DataLoader workers) get an inert client.
+exception. The ``Transport`` thread does the rest. Non-zero ranks and forked
+children (e.g. DataLoader workers) get an inert client. ``values.py`` decides
+what a value becomes on the wire.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -22,25 +24,31 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import protocol
-from .address import resolve_address
+from . import protocol, values as wire
+from .address import ENV_ADDRESS, resolve_address
 from .transport import Transport
 
 log = logging.getLogger("kforge_sidecar.client")
 
 _live: "weakref.WeakSet[MetricsClient]" = weakref.WeakSet()
-_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+# A hello carries the config and the process description: the config gets what the rest leaves.
+_I64_MIN, _I64_MAX = wire.INT64_MIN, wire.INT64_MAX
+_KEY_MAX = protocol.DEFAULT_LIMITS.max_key_len
+_CONFIG_BUDGET = protocol.DEFAULT_LIMITS.max_hello_bytes - 64 * 1024
+_PROCESS_ARGS_BUDGET = 32 * 1024
 
 
 @dataclass(frozen=True)
 class ClientStats:
-    logged: int  # frames log()/log_eval() accepted
+    logged: int  # log()/log_eval() calls accepted
     sent: int  # distinct frames handed to the socket
-    acked: int  # frames durable in the sidecar's spool
+    acked: int  # frames durable in the sidecar's spool (or refused by it, below)
     buffered: int  # frames waiting to be sent or acknowledged
     dropped: int  # frames lost to a full buffer
-    dropped_values: int  # individual non-scalar values dropped
-    errors: int  # exceptions swallowed inside log()
+    dropped_values: int  # individual values dropped (not a scalar, bad name)
+    errors: int  # calls swallowed inside log() (bad step, bad metrics)
+    refused: int = 0  # frames the sidecar refused (counted in its status too)
+    late: int = 0  # rows logged below a step this client had already logged
 
 
 def _rank_from_env() -> int:
@@ -61,6 +69,48 @@ def _rank_from_env() -> int:
     return 0
 
 
+def _git(cwd: str, *args: str) -> str | None:
+    try:
+        r = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=2, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = r.stdout.strip()
+    return out if r.returncode == 0 and out else None
+
+
+def describe_process() -> dict[str, Any]:
+    """The trainer as wandb would have described it in-process: program, args, cwd, git.
+
+    Runs in the sender thread, once, before the first hello (git takes milliseconds)."""
+    limit = protocol.DEFAULT_LIMITS.max_str_len
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None) and not str(getattr(main, "__file__", "")).endswith("__main__.py"):
+        program = f"-m {spec.name}"
+    else:
+        program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "<python>"
+    cwd = os.getcwd()
+    args: list[str] = []
+    used = 0
+    for a in sys.argv[1 : protocol.MAX_ARGS + 1]:
+        a = a[:limit]
+        used += len(a)
+        if used > _PROCESS_ARGS_BUDGET:
+            break
+        args.append(a)
+    info: dict[str, Any] = {"program": program[:limit], "args": args, "cwd": cwd[:limit], "executable": sys.executable[:limit]}
+    where = os.path.dirname(program) if os.path.isabs(program) else cwd
+    commit = _git(where, "rev-parse", "HEAD")
+    if commit:
+        info["git_commit"] = commit[:limit]
+        remote = _git(where, "config", "--get", "remote.origin.url")
+        if remote:
+            info["git_remote"] = remote[:limit]
+    return info
+
+
 class MetricsClient:
     """Push scalar metrics to the local kforge-sidecar without ever blocking the caller."""
 
@@ -79,32 +129,35 @@ class MetricsClient:
         self.project = project
         self.name = name
         self.address = resolve_address(address)
-        self._run_id = run_id
+        if run_id is not None and (type(run_id) is not str or not protocol.RUN_ID_RE.match(run_id)):
+            raise ValueError(f"run_id {run_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
+        self._rank = _rank_from_env() if rank is None else rank
+        self._inert = self._rank != 0
+        # Minted here when none was restored, so it is real the moment the client exists:
+        # a checkpoint written in the first second of training already holds it.
+        self._run_id = run_id if run_id is not None or self._inert else protocol.mint_run_id()
         self._run_id_ready = threading.Event()
-        if run_id is not None:
-            if not protocol.RUN_ID_RE.match(run_id):
-                raise ValueError(f"run_id {run_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
+        if self._run_id is not None:
             self._run_id_ready.set()
-        # JSON-shaped, so that the hello can always be sent (enums, dtypes, dataclasses, NaN...)
-        self._config = protocol.jsonable(config or {})
-        if not isinstance(self._config, dict):
-            raise ValueError(f"config must be a mapping or a dataclass, not {type(config).__name__}")
-        self._wandb_init = dict(wandb_init or {})
-        unknown = set(self._wandb_init) - set(protocol.WANDB_INIT_KEYS)
-        if unknown:
-            raise ValueError(f"wandb_init keys {sorted(unknown)} are not among {protocol.WANDB_INIT_KEYS}")
         self._session = secrets.token_hex(8)
         self._seq = itertools.count(1)
         self._logged = 0
         self._last_seq = 0
         self._dropped_values = 0
         self._errors = 0
+        self._late = 0
+        self._max_step = -1  # the highest explicit step logged in this session
         self._warned_keys: set[str] = set()
         self._closed = False
         self._pid = os.getpid()
         self._host = socket.gethostname()
-        self._rank = _rank_from_env() if rank is None else rank
-        self._inert = self._rank != 0
+        self._process: dict[str, Any] | None = None
+        # JSON-shaped and within the hello's limit, so that the hello can always be sent
+        self._config = self._fit_config(wire.json_config(config), "config")
+        self._wandb_init = dict(wandb_init or {})
+        unknown = set(self._wandb_init) - set(protocol.WANDB_INIT_KEYS)
+        if unknown:
+            raise ValueError(f"wandb_init keys {sorted(unknown)} are not among {protocol.WANDB_INIT_KEYS}")
         self._transport: Transport | None = None
         if self._inert:
             return
@@ -123,89 +176,135 @@ class MetricsClient:
 
     # ----------------------------------------------------------- hot path
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Queue one training step's scalars. Never blocks, never raises."""
-        self._enqueue("train", metrics, step)
+    def log(self, metrics: Mapping[str, Any], step: int | None = None, *, commit: bool = True) -> None:
+        """Queue one training step's scalars. Never blocks, never raises.
 
-    def log_eval(self, metrics: Mapping[str, Any], step: int) -> None:
+        ``step=None`` is wandb's: the current step, then the next (after a resume, the
+        run's next step); ``commit=False`` then keeps that row open for more values."""
+        self._enqueue("train", metrics, step, commit)
+
+    def log_eval(self, metrics: Mapping[str, Any], step: int | None = None, *, commit: bool = True) -> None:
         """Queue evaluation scalars for ``step`` (same rules as ``log``)."""
-        self._enqueue("eval", metrics, step)
+        self._enqueue("eval", metrics, step, commit)
 
-    def _enqueue(self, kind: str, metrics: Mapping[str, Any], step: int) -> None:
+    def _enqueue(self, kind: str, metrics: Mapping[str, Any], step: Any, commit: bool = True) -> None:
         if self._inert or self._closed:
             return
         try:
             values = {}
             for k, v in metrics.items():
                 t = type(v)
-                if (t is float or t is int or t is bool) and type(k) is str:
-                    values[k] = v
+                if (t is float or t is bool or (t is int and _I64_MIN <= v <= _I64_MAX)) and (
+                    type(k) is str and 0 < len(k) <= _KEY_MAX
+                ):
+                    values[k] = v  # the common case, without a call
                 else:
-                    v = self._coerce(k, v)
-                    if v is not None:
-                        values[k] = v
-            if type(step) is not int:
-                step = int(step.item() if hasattr(step, "item") else step)
-            if step < 0:
-                raise ValueError(f"step {step} is negative")
-            seq = next(self._seq)
+                    key = wire.normal_key(k, self._warn)
+                    if key is not None:
+                        v = wire.scalar(key, v, self._warn)
+                        if v is not None:
+                            values[key] = v
+            if step is not None:
+                step = self._step(step)
             now = time.time()
-            try:
-                frame = protocol.encode_metrics(self._session, seq, step, kind, now, values)
-            except OverflowError:  # an int beyond 64 bits: the one value msgpack refuses
-                for k in [k for k, v in values.items() if type(v) is int and not _INT_MIN <= v <= _UINT_MAX]:
-                    self._drop(k, f"integer {values.pop(k)} does not fit in 64 bits")
-                frame = protocol.encode_metrics(self._session, seq, step, kind, now, values)
-            # Packed here, not in the sender: a (seq, bytes) pair is invisible to the
-            # garbage collector, while a queued dict would make every full
-            # collection of the trainer walk the backlog.
-            self._outbox.append((seq, frame))
-            self._last_seq = seq
+            parts = [values] if len(values) <= wire.SAFE_KEYS else list(wire.chunks(values))
+            last = len(parts) - 1
+            for i, part in enumerate(parts):
+                seq = next(self._seq)
+                # a split step=None row stays one row: only its last frame commits
+                frame = protocol.encode_metrics(self._session, seq, step, kind, now, part, commit and i == last)
+                # Packed here, not in the sender: a (seq, bytes) pair is invisible to the
+                # garbage collector, while a queued dict would make every full
+                # collection of the trainer walk the backlog.
+                self._outbox.append((seq, frame))
+                self._last_seq = seq
             self._logged += 1
         except Exception:
             self._errors += 1
             if self._errors == 1:
-                log.warning("kforge-sidecar client: log() failed; dropping this call", exc_info=True)
+                log.warning("kforge-sidecar client: log() failed; dropping this call (said once)", exc_info=True)
 
-    def _coerce(self, key: Any, value: Any) -> int | float | bool | None:
-        """Slow path: numpy scalars, 0-d tensors, and what gets dropped."""
-        if type(key) is not str:
-            return self._drop(repr(key), "metric names must be strings")
-        if isinstance(value, (int, float)):  # numpy float64, IntEnum, ...
-            return value if isinstance(value, bool) else (float(value) if isinstance(value, float) else int(value))
-        item = getattr(value, "item", None)
-        if item is not None and getattr(value, "ndim", None) == 0:
-            try:
-                scalar = item()  # a CUDA tensor syncs here, as the seed's .item() did
-            except Exception as exc:
-                return self._drop(key, f"item() failed: {exc}")
-            if type(scalar) in (int, float, bool):
-                return scalar
-            return self._drop(key, f"item() gave a {type(scalar).__name__}")
-        shape = getattr(value, "shape", None)
-        what = f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
-        return self._drop(key, f"{what} is not a scalar")
+    def _step(self, step: Any) -> int:
+        if type(step) is not int:
+            if isinstance(step, bool) or not hasattr(step, "__index__") and not hasattr(step, "item"):
+                raise TypeError(f"step must be an integer or None, not {type(step).__name__}")
+            step = int(step.item() if hasattr(step, "item") else step)
+        if not 0 <= step <= protocol.INT64_MAX:
+            raise ValueError(f"step {step} is out of range (0..2**63-1)")
+        if step < self._max_step:
+            self._late += 1
+            if self._late == 1:
+                log.warning(
+                    "kforge-sidecar client: step %d is lower than step %d already logged. wandb keeps a run's "
+                    "steps increasing, so rows like this one are not charted; the sidecar keeps them in its "
+                    "spool and counts them as 'late' in `kforge-sidecar status` (said once)",
+                    step, self._max_step,
+                )  # fmt: skip
+        else:
+            self._max_step = step
+        return step
 
-    def _drop(self, key: str, why: str) -> None:
-        self._dropped_values += 1
+    def _warn(self, key: str, why: str) -> None:
+        self._dropped_values += "logged as" not in why
         if key not in self._warned_keys:
             self._warned_keys.add(key)
-            log.warning("kforge-sidecar client: dropping metric %r: %s (warned once per key)", key, why)
+            shown = key if len(key) <= 80 else f"{key[:60]}...({len(key)} characters)"
+            log.warning("kforge-sidecar client: metric %r: %s (warned once per key)", shown, why)
         return None
+
+    # ----------------------------------------------------------- config and summary
+
+    def update_config(self, values: Mapping[str, Any]) -> None:
+        """Merge ``values`` into the run's config (hyperparameters known after start). Never raises."""
+        self._enqueue_map("config", values)
+
+    def update_summary(self, values: Mapping[str, Any]) -> None:
+        """Set summary values of the run (final or best figures). Never raises."""
+        self._enqueue_map("summary", values)
+
+    def _enqueue_map(self, kind: str, values: Mapping[str, Any]) -> None:
+        if self._inert or self._closed:
+            return
+        try:
+            shaped = self._fit_config(wire.json_config(values), kind)
+            seq = next(self._seq)
+            msg = (protocol.ConfigUpdate if kind == "config" else protocol.SummaryUpdate)(self._session, seq, shaped)
+            self._outbox.append((seq, protocol.encode(msg)))
+            self._last_seq = seq
+        except Exception:
+            self._errors += 1
+            if self._errors == 1:
+                log.warning("kforge-sidecar client: update_%s() failed; dropping this call (said once)", kind, exc_info=True)
+
+    def _fit_config(self, config: dict[str, Any], what: str) -> dict[str, Any]:
+        fitted, trimmed = wire.fit_config(config, _CONFIG_BUDGET)
+        if trimmed:
+            log.warning(
+                "kforge-sidecar client: the %s is larger than the sidecar takes (%d bytes); trimmed %s "
+                "(each replaced by a note with its size) so the run keeps every metric",
+                what, protocol.DEFAULT_LIMITS.max_hello_bytes, ", ".join(trimmed[:10]) + (" ..." if len(trimmed) > 10 else ""),
+            )  # fmt: skip
+        return fitted
 
     # ----------------------------------------------------------- run id
 
     @property
     def run_id(self) -> str | None:
-        """The wandb run ID: the one passed in, else the sidecar's answer to hello (None until then)."""
+        """The wandb run ID: the one passed in, else one minted at construction (rank 0).
+        None only on an inert (non-zero rank) client."""
         return self._run_id
 
     def wait_run_id(self, timeout: float = 10.0) -> str | None:
-        """Wait at most ``timeout`` seconds for the run ID; None if the sidecar has not answered."""
+        """The run ID (known at once on rank 0; kept for callers written for older clients)."""
         self._run_id_ready.wait(timeout)
         return self._run_id
 
     def _make_hello(self, first: int) -> protocol.Hello:
+        if self._process is None:
+            try:
+                self._process = describe_process()
+            except Exception:  # never let the description stop the hello
+                self._process = {}
         return protocol.Hello(
             session=self._session,
             project=self.project,
@@ -216,6 +315,7 @@ class MetricsClient:
             host=self._host,
             first=max(first, 1),
             wandb=self._wandb_init,
+            process=self._process,
         )
 
     def _on_welcome(self, run_id: str) -> None:
@@ -242,17 +342,30 @@ class MetricsClient:
         seq = next(self._seq)
         self._outbox.append((seq, protocol.encode(protocol.Close(session=self._session, seq=seq, exit_code=int(exit_code)))))
         self._last_seq = seq
-        done = self._transport.wait_acked(seq, timeout)
-        self._transport.stop(max(deadline - time.monotonic(), 0.05))
+        t = self._transport
+        started = time.monotonic()
+        done = t.wait_acked(seq, timeout)
+        waited = time.monotonic() - started
+        t.stop(max(deadline - time.monotonic(), 0.05))
         _live.discard(self)
         if not done:
-            s = self.stats()
-            log.warning(
-                "kforge-sidecar client: close() timed out after %.1fs with %d frames unacknowledged; "
-                "they are lost unless the sidecar already has them",
-                timeout,
-                s.buffered,
-            )
+            left = self.stats().buffered
+            if t.fatal_reason is not None:
+                log.warning(
+                    "kforge-sidecar client: close(): the sidecar at %s refused this client (%s); "
+                    "%d frames were not delivered", self.address, t.fatal_reason, left,
+                )  # fmt: skip
+            elif not t.ever_welcomed:
+                log.warning(
+                    "kforge-sidecar client: close(): no kforge-sidecar answered at %s in %.1fs; %d frames "
+                    "were not delivered and are lost (start one with `kforge-sidecar serve`, or set %s)",
+                    self.address, waited, left, ENV_ADDRESS,
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "kforge-sidecar client: close() gave up after %.1fs with %d frames not yet acknowledged by "
+                    "the sidecar at %s; they are lost unless it already has them", waited, left, self.address,
+                )  # fmt: skip
         return done
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -264,7 +377,7 @@ class MetricsClient:
     def stats(self) -> ClientStats:
         t = self._transport
         if t is None:
-            return ClientStats(self._logged, 0, 0, 0, 0, self._dropped_values, self._errors)
+            return ClientStats(self._logged, 0, 0, 0, 0, self._dropped_values, self._errors, 0, self._late)
         c = t.counters
         return ClientStats(
             logged=self._logged,
@@ -275,6 +388,8 @@ class MetricsClient:
             dropped=c.dropped + max(0, self._last_seq - c.highest_seen - len(self._outbox)),
             dropped_values=self._dropped_values,
             errors=self._errors,
+            refused=c.refused,
+            late=self._late,
         )
 
     @property

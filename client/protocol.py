@@ -5,8 +5,10 @@ version ``v`` and a type ``t``. The client speaks through a DEALER socket,
 the sidecar answers through a ROUTER socket.
 
 Client → sidecar:
-  hello    session, project, name, run_id, config, pid, host, first, wandb
-  metrics  session, seq, step, kind ("train" | "eval"), time, values
+  hello    session, project, name, run_id, config, pid, host, first, wandb, process
+  metrics  session, seq, step (None: wandb's next step), kind ("train" | "eval"), time, values
+  config   session, seq, values    a config update after the hello (merged into wandb's config)
+  summary  session, seq, values    summary values for the run
   close    session, seq, exit_code
   ping     session                 a heartbeat from an idle client: "still alive"
   status   (control, from the CLI)
@@ -14,10 +16,17 @@ Client → sidecar:
 
 Sidecar → client:
   welcome  session, run_id, acked
-  ack      session, seq          every seq <= seq is durable in the spool
+  ack      session, seq          every seq <= seq is durable in the spool (or refused, below)
   nack     session, seq          a gap after seq: resend from seq + 1
-  error    session, reason, fatal
+  error    session, reason, fatal, code, seq
   reply    body                  answer to a control request
+
+Spool only (written by the receiver, never accepted from a socket):
+  refused  session, seq, reason  a frame the receiver refused: its seq is used up
+
+A metrics frame's ``values`` holds at most ``Limits.max_scalars`` keys; a
+client splits a wider step into several frames of the same step, which wandb
+merges into one row. Every integer field is bounded when decoded.
 
 Sequence numbers start at 1 per client session and are assigned in log order.
 ``first`` in a hello is the oldest seq the client still holds: anything below
@@ -34,6 +43,7 @@ import dataclasses
 import enum
 import math
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Union
 
@@ -51,13 +61,35 @@ WANDB_INIT_KEYS = ("entity", "group", "job_type", "tags", "notes", "mode", "base
 
 Scalar = Union[int, float, bool]
 
+# Integer fields on the wire: msgpack carries up to 64 bits; nothing the sidecar
+# stores, adds up or sends back may leave int64.
+INT64_MAX = 2**63 - 1
+PID_MAX = 2**31 - 1
+EXIT_CODE_RANGE = (-(2**31), 2**31 - 1)
+# The trainer's process description in a hello (what wandb shows as the run's program).
+PROCESS_KEYS = ("program", "args", "cwd", "executable", "git_commit", "git_remote")
+MAX_ARGS = 1024
+
+# Reason codes of Error replies: the client acts on these, never on the text.
+E_UNKNOWN_SESSION = "unknown_session"
+E_REFUSED = "refused"  # one frame refused; its seq is used up (``seq``)
+E_FATAL = "fatal"  # this client cannot go on (version, hello refused, too many runs)
+E_DISK = "disk"  # the spool is not writable; resend later
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def mint_run_id() -> str:
+    """A wandb-style run ID (8 of [a-z0-9], like wandb.util.generate_id)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+
 
 @dataclass(frozen=True)
 class Limits:
     """What the sidecar accepts; anything beyond is rejected and counted."""
 
     max_frame_bytes: int = 64 * 1024
-    max_hello_bytes: int = 1024 * 1024  # a hello carries the run config
+    max_hello_bytes: int = 1024 * 1024  # a hello, config or summary frame carries the run config
     max_scalars: int = 1024
     max_key_len: int = 256
     max_str_len: int = 1024  # project, name, host
@@ -90,6 +122,7 @@ class Hello:
     host: str
     first: int = 1
     wandb: dict[str, Any] = field(default_factory=dict)
+    process: dict[str, Any] = field(default_factory=dict)  # PROCESS_KEYS: the trainer's program, args, git
     t: str = field(default="hello", init=False)
 
 
@@ -97,11 +130,38 @@ class Hello:
 class Metrics:
     session: str
     seq: int
-    step: int
+    step: int | None  # None: wandb's current step, assigned by the receiver
     kind: str
     time: float
     values: dict[str, Scalar]
+    commit: bool = True  # with step None: False keeps wandb's row open (wandb's commit=False)
     t: str = field(default="metrics", init=False)
+
+
+@dataclass(frozen=True)
+class ConfigUpdate:
+    session: str
+    seq: int
+    values: dict[str, Any]
+    t: str = field(default="config", init=False)
+
+
+@dataclass(frozen=True)
+class SummaryUpdate:
+    session: str
+    seq: int
+    values: dict[str, Any]
+    t: str = field(default="summary", init=False)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Spool only: the receiver refused this frame; its seq is used up."""
+
+    session: str
+    seq: int
+    reason: str
+    t: str = field(default="refused", init=False)
 
 
 @dataclass(frozen=True)
@@ -150,8 +210,10 @@ class Nack:
 @dataclass(frozen=True)
 class Error:
     session: str | None
-    reason: str
+    reason: str  # for people
     fatal: bool = False
+    code: str = ""  # E_*: for the client
+    seq: int | None = None  # with E_REFUSED: the refused frame
     t: str = field(default="error", init=False)
 
 
@@ -161,7 +223,9 @@ class Reply:
     t: str = field(default="reply", init=False)
 
 
-Request = Union[Hello, Metrics, Close, Ping, Control]
+Request = Union[Hello, Metrics, ConfigUpdate, SummaryUpdate, Close, Ping, Control]
+# What frames.log holds: the seq'd requests and the receiver's own refusals.
+Record = Union[Hello, Metrics, ConfigUpdate, SummaryUpdate, Close, Refused]
 Response = Union[Welcome, Ack, Nack, Error, Reply]
 
 
@@ -171,21 +235,23 @@ def encode(msg: Request | Response) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def encode_metrics(session: str, seq: int, step: int, kind: str, time: float, values: dict) -> bytes:
+def encode_metrics(
+    session: str, seq: int, step: int | None, kind: str, time: float, values: dict, commit: bool = True
+) -> bytes:
     """The hot path's encoder: the same map as ``encode(Metrics(...))`` without asdict's deep copy."""
-    return msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "t": "metrics",
-            "session": session,
-            "seq": seq,
-            "step": step,
-            "kind": kind,
-            "time": time,
-            "values": values,
-        },
-        use_bin_type=True,
-    )
+    body = {
+        "v": PROTOCOL_VERSION,
+        "t": "metrics",
+        "session": session,
+        "seq": seq,
+        "step": step,
+        "kind": kind,
+        "time": time,
+        "values": values,
+    }
+    if not commit:
+        body["commit"] = False
+    return msgpack.packb(body, use_bin_type=True)
 
 
 # --------------------------------------------------------------------- decoding
@@ -218,6 +284,14 @@ def _field(obj: dict, name: str, types: tuple[type, ...], optional: bool = False
     return value
 
 
+def _int(obj: dict, name: str, lo: int, hi: int, optional: bool = False) -> int | None:
+    """An integer field within [lo, hi]: nothing beyond int64 gets in, to be summed or sent back."""
+    value = _field(obj, name, (int,), optional)
+    if value is not None and not lo <= value <= hi:
+        raise ProtocolError("bad_field", f"{name!r} must be in {lo}..{hi}")
+    return value
+
+
 def _text(obj: dict, name: str, limits: Limits, optional: bool = False) -> str | None:
     value = _field(obj, name, (str,), optional)
     if value is not None and len(value) > limits.max_str_len:
@@ -233,10 +307,7 @@ def _session(obj: dict) -> str:
 
 
 def _seq(obj: dict, name: str = "seq") -> int:
-    seq = _field(obj, name, (int,))
-    if seq < 1:
-        raise ProtocolError("bad_field", f"{name!r} must be >= 1")
-    return seq
+    return _int(obj, name, 1, INT64_MAX)  # type: ignore[return-value]
 
 
 def check_values(values: Any, limits: Limits) -> dict[str, Scalar]:
@@ -297,8 +368,21 @@ def _check_config(value: Any, depth: int, limits: Limits) -> None:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise ProtocolError("bad_field", "config holds a non-finite float")
-    elif value is not None and not isinstance(value, (str, int, bool)):
+    elif type(value) is int:
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ProtocolError("bad_field", "config holds an integer beyond 64 bits")
+    elif value is not None and not isinstance(value, (str, bool)):
         raise ProtocolError("bad_field", f"config holds a {type(value).__name__}")
+
+
+def _config_map(obj: dict, name: str, limits: Limits) -> dict[str, Any]:
+    value = obj.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_field", f"{name!r} must be a map")
+    _check_config(value, 0, limits)
+    return value
 
 
 def _wandb_init(opts: Any, limits: Limits) -> dict[str, Any]:
@@ -313,53 +397,97 @@ def _wandb_init(opts: Any, limits: Limits) -> dict[str, Any]:
     return opts
 
 
-def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
-    """Validate one incoming frame and return its message; raise ProtocolError otherwise."""
+def _process(info: Any, limits: Limits) -> dict[str, Any]:
+    if not isinstance(info, dict):
+        raise ProtocolError("bad_field", "'process' must be a map")
+    for key, value in info.items():
+        if key not in PROCESS_KEYS:
+            raise ProtocolError("bad_field", f"process field {key!r} is not one of {PROCESS_KEYS}")
+        items = value if key == "args" and isinstance(value, list) else [value]
+        if key == "args" and len(items) > MAX_ARGS:
+            raise ProtocolError("bad_field", f"more than {MAX_ARGS} process args")
+        if not all(isinstance(v, str) and len(v) <= limits.max_str_len for v in items):
+            raise ProtocolError("bad_field", f"process field {key!r} must be text")
+    return info
+
+
+# The frames a client sends with a seq, and their size limits: metrics are small, a
+# config or summary update may carry as much as the config in a hello.
+SEQ_TYPES = ("metrics", "config", "summary", "close")
+
+
+def _frame_limit(t: Any, limits: Limits) -> int:
+    return limits.max_hello_bytes if t in ("hello", "config", "summary") else limits.max_frame_bytes
+
+
+def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = False) -> Request | Refused:
+    """Validate one incoming frame and return its message; raise ProtocolError otherwise.
+
+    ``spool`` also admits the receiver's own ``refused`` records (reading frames.log).
+    """
     obj = _unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes))
     t = obj.get("t")
-    if t != "hello" and len(raw) > limits.max_frame_bytes:
-        raise ProtocolError("oversize", f"{len(raw)} bytes, limit {limits.max_frame_bytes}")
+    limit = _frame_limit(t, limits)
+    if len(raw) > limit:
+        raise ProtocolError("oversize", f"{len(raw)} bytes, limit {limit}")
     if t == "metrics":
-        step = _field(obj, "step", (int,))
-        if step < 0:
-            raise ProtocolError("bad_field", "'step' must be >= 0")
         kind = obj.get("kind")
         if kind not in KINDS:
             raise ProtocolError("bad_field", f"'kind' must be one of {KINDS}")
+        when = _field(obj, "time", (float, int))
+        if not math.isfinite(when):
+            raise ProtocolError("bad_field", "'time' must be finite")
         return Metrics(
             session=_session(obj),
             seq=_seq(obj),
-            step=step,
+            step=_int(obj, "step", 0, INT64_MAX, optional=True),
             kind=kind,
-            time=float(_field(obj, "time", (float, int))),
+            time=float(when),
             values=check_values(obj.get("values"), limits),
+            commit=_field(obj, "commit", (bool,), optional=True) is not False,
         )
     if t == "hello":
         run_id = _field(obj, "run_id", (str,), optional=True)
         if run_id is not None and not RUN_ID_RE.match(run_id):
             raise ProtocolError("bad_field", "run_id must be 1-64 of [A-Za-z0-9_-]")
-        config = obj.get("config") or {}
-        if not isinstance(config, dict):
-            raise ProtocolError("bad_field", "'config' must be a map")
-        _check_config(config, 0, limits)
         return Hello(
             wandb=_wandb_init(obj.get("wandb") or {}, limits),
             session=_session(obj),
             project=_text(obj, "project", limits) or "",
             name=_text(obj, "name", limits, optional=True),
             run_id=run_id,
-            config=config,
-            pid=_field(obj, "pid", (int,)),
+            config=_config_map(obj, "config", limits),
+            pid=_int(obj, "pid", 0, PID_MAX),  # type: ignore[arg-type]
             host=_text(obj, "host", limits) or "",
             first=_seq(obj, "first"),
+            process=_process(obj.get("process") or {}, limits),
         )
+    if t == "config":
+        return ConfigUpdate(session=_session(obj), seq=_seq(obj), values=_config_map(obj, "values", limits))
+    if t == "summary":
+        return SummaryUpdate(session=_session(obj), seq=_seq(obj), values=_config_map(obj, "values", limits))
     if t == "close":
-        return Close(session=_session(obj), seq=_seq(obj), exit_code=_field(obj, "exit_code", (int,)))
+        code = _int(obj, "exit_code", *EXIT_CODE_RANGE)
+        return Close(session=_session(obj), seq=_seq(obj), exit_code=code)  # type: ignore[arg-type]
     if t == "ping":
         return Ping(session=_session(obj))
     if t in ("status", "stop"):
         return Control(t=t)
+    if t == "refused" and spool:
+        return Refused(session=_session(obj), seq=_seq(obj), reason=str(obj.get("reason", "")))
     raise ProtocolError("unknown_type", f"message type {t!r}")
+
+
+def peek_seq(raw: bytes) -> tuple[str, int] | None:
+    """(session, seq) of a frame that failed validation, if those two fields are sound:
+    the receiver can then refuse exactly that frame and let the stream go on."""
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        if isinstance(obj, dict) and obj.get("t") in SEQ_TYPES:
+            return _session(obj), _seq(obj)
+    except Exception:
+        pass
+    return None
 
 
 def decode_response(raw: bytes) -> Response:
@@ -373,10 +501,13 @@ def decode_response(raw: bytes) -> Response:
     if t == "welcome":
         return Welcome(session=_session(obj), run_id=_field(obj, "run_id", (str,)), acked=_field(obj, "acked", (int,)))
     if t == "error":
+        seq = obj.get("seq")
         return Error(
             session=_field(obj, "session", (str,), optional=True),
             reason=_field(obj, "reason", (str,)),
             fatal=bool(obj.get("fatal")),
+            code=obj.get("code") if isinstance(obj.get("code"), str) else "",
+            seq=seq if type(seq) is int else None,
         )
     if t == "reply":
         return Reply(body=_field(obj, "body", (dict,)))

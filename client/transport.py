@@ -34,6 +34,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol
+from .address import ENV_ADDRESS
 
 log = logging.getLogger("kforge_sidecar.client")
 
@@ -46,6 +47,7 @@ class Counters:
     sent: int = 0  # distinct frames handed to ZeroMQ at least once
     acked: int = 0  # frames the sidecar confirmed durable
     dropped: int = 0  # frames lost to a full buffer
+    refused: int = 0  # frames the sidecar refused (their seqs are used up, and acknowledged)
     highest_seen: int = 0  # highest seq taken from the outbox
 
 
@@ -56,6 +58,7 @@ class Transport(threading.Thread):
     IDLE_TICK_MS = 25
     SLICE = 256  # frames packed or sent per tick, so one tick never holds the GIL long
     HEARTBEAT = 5.0  # an idle client pings this often, so the sidecar knows it is alive
+    NO_SIDECAR_WARNING = 5.0  # seconds after the first frame without a welcome: say so, once
 
     def __init__(
         self,
@@ -92,7 +95,12 @@ class Transport(threading.Thread):
         self._last_progress = time.monotonic()
         self._rto = self.RTO_MIN
         self._warned_drop = False
+        self._warned_refused = False
         self._fatal = False
+        self.fatal_reason: str | None = None
+        self.ever_welcomed = False
+        self._first_frame_at: float | None = None  # when the first frame was queued
+        self._warned_absent = False
 
     # ---------------------------------------------------------------- API
 
@@ -188,6 +196,12 @@ class Transport(threading.Thread):
                 continue
             if isinstance(msg, protocol.Welcome):
                 self._welcomed = True
+                if not self.ever_welcomed and self._warned_absent:
+                    log.warning(
+                        "kforge-sidecar client: the sidecar at %s answered; sending the %d buffered frames",
+                        self.address, self.buffered,
+                    )  # fmt: skip
+                self.ever_welcomed = True
                 self._on_welcome(msg.run_id)
                 self._ack(msg.acked)
             elif isinstance(msg, protocol.Ack):
@@ -198,14 +212,25 @@ class Transport(threading.Thread):
             elif isinstance(msg, protocol.Error):
                 if msg.fatal:
                     self._fail(msg.reason)
-                elif msg.reason.startswith("unknown session"):
+                elif msg.code == protocol.E_UNKNOWN_SESSION:
                     self._rewind()
-                else:
+                elif msg.code == protocol.E_REFUSED:
+                    # That one frame is gone (its seq is used up and will be acked);
+                    # the stream goes on.
+                    self.counters.refused += 1
+                    if not self._warned_refused:
+                        self._warned_refused = True
+                        log.warning(
+                            "kforge-sidecar client: the sidecar refused frame %s (%s); dropped, counted in "
+                            "stats().refused, the rest goes on (said once)", msg.seq, msg.reason,
+                        )  # fmt: skip
+                elif msg.code != protocol.E_DISK:
                     log.warning("kforge-sidecar client: sidecar rejected a frame: %s", msg.reason)
 
     def _fail(self, reason: str) -> None:
         if not self._fatal:
             self._fatal = True
+            self.fatal_reason = reason
             self._on_fatal(reason)
             with self._ack_cond:
                 self._ack_cond.notify_all()
@@ -246,6 +271,8 @@ class Transport(threading.Thread):
                 self._base = seq
             c.highest_seen = seq
             self._window.append(frame)
+            if self._first_frame_at is None:
+                self._first_frame_at = time.monotonic()
         return bool(self.outbox)
 
     def _bound(self) -> None:
@@ -276,6 +303,18 @@ class Transport(threading.Thread):
     def _send(self, sock: zmq.Socket) -> bool:
         """Send up to SLICE frames; True if more could be sent right away."""
         now = time.monotonic()
+        if (
+            not self.ever_welcomed
+            and not self._warned_absent
+            and self._first_frame_at is not None
+            and now - self._first_frame_at > self.NO_SIDECAR_WARNING
+        ):
+            self._warned_absent = True
+            log.warning(
+                "kforge-sidecar client: no kforge-sidecar has answered at %s for %.0fs; buffering up to %d "
+                "frames until one does (start one with `kforge-sidecar serve` or `kforge-sidecar run -- ...`, "
+                "or point %s at it)", self.address, now - self._first_frame_at, self.capacity, ENV_ADDRESS,
+            )  # fmt: skip
         if self._next and now - self._last_progress > self._rto:
             log.debug("kforge-sidecar client: no ack for %.1fs; resending %d frames", self._rto, self._next)
             self._rewind()

@@ -40,6 +40,8 @@ BackoffMaxOpt = typer.Option(60.0, "--retry-backoff-max", help="Longest delay be
 SessionOpt = typer.Option(60.0, "--session-timeout", help="A client silent this long is presumed dead (idle clients ping every 5 s; a dead pid on this host counts at once).")
 GraceOpt = typer.Option(300.0, "--resume-grace", help="Seconds a run whose trainer died waits for a resume before it is finished as failed.")
 FlushOpt = typer.Option(1.0, "--wandb-flush-interval", help="wandb-core's transaction log flush interval (bounds replays after a kill).")
+MaxRunsOpt = typer.Option(64, "--max-runs", min=1, help="Most open runs (each an uploader and a wandb-core process) this sidecar takes; a hello beyond is refused.")
+SystemMetricsOpt = typer.Option(True, "--system-metrics/--no-system-metrics", help="wandb samples the trainer's process (CPU, memory) and the node's GPUs into each run, as in-process wandb did.")
 
 
 def _setup_logging(level: str) -> None:
@@ -109,6 +111,8 @@ def serve(
     flush_interval: float = FlushOpt,
     session_timeout: float = SessionOpt,
     resume_grace: float = GraceOpt,
+    max_runs: int = MaxRunsOpt,
+    system_metrics: bool = SystemMetricsOpt,
     parent_pid: Optional[int] = typer.Option(None, "--parent-pid", help="Drain and exit when this process is gone (e.g. the job's shell: $$)."),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Drain and exit after this many seconds with no open or pending run and no client message."),
 ) -> None:
@@ -127,7 +131,7 @@ def serve(
         drain_timeout=drain_timeout, init_timeout=init_timeout, finish_timeout=finish_timeout, log_file=log_file,
         heartbeat_timeout=heartbeat_timeout, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
         flush_interval=flush_interval, session_timeout=session_timeout, resume_grace=resume_grace,
-        parent_pid=parent_pid, idle_timeout=idle_timeout,
+        max_runs=max_runs, system_metrics=system_metrics, parent_pid=parent_pid, idle_timeout=idle_timeout,
     )  # fmt: skip
     raise typer.Exit(run_server(cfg))
 
@@ -149,6 +153,8 @@ def run(
     flush_interval: float = FlushOpt,
     session_timeout: float = SessionOpt,
     resume_grace: float = GraceOpt,
+    max_runs: int = MaxRunsOpt,
+    system_metrics: bool = SystemMetricsOpt,
 ) -> None:
     """Run COMMAND under a sidecar: start one (or use the one already serving), export
     KFORGE_SIDECAR_ADDR to COMMAND, and when COMMAND exits drain and stop the sidecar it
@@ -165,6 +171,7 @@ def run(
         drain_timeout=drain_timeout, init_timeout=init_timeout, finish_timeout=finish_timeout, log_file=log_file,
         heartbeat_timeout=heartbeat_timeout, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
         flush_interval=flush_interval, session_timeout=session_timeout, resume_grace=resume_grace,
+        max_runs=max_runs, system_metrics=system_metrics,
     )  # fmt: skip
     raise typer.Exit(run_command(cfg, command))
 

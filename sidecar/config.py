@@ -24,6 +24,8 @@ class ServeConfig:
     session_timeout: float = 60.0  # a client silent this long is dead (idle clients ping every 5 s)
     resume_grace: float = 300.0  # a run whose trainers died waits this long for a resume, then fails
     limits: Limits = field(default=DEFAULT_LIMITS)
+    max_runs: int = 64  # open runs (each an uploader and a wandb-core process) one sidecar takes
+    system_metrics: bool = True  # wandb samples the trainer's process and the node's GPUs
     # Never outlive the job (both drain first, then exit 0):
     parent_pid: int | None = None  # exit when this process is gone
     idle_timeout: float | None = None  # exit after this long with no open or pending run and no client message

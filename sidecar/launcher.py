@@ -81,6 +81,8 @@ def serve_argv(cfg: ServeConfig) -> list[str]:
         "--wandb-flush-interval", str(cfg.flush_interval),
         "--session-timeout", str(cfg.session_timeout),
         "--resume-grace", str(cfg.resume_grace),
+        "--max-runs", str(cfg.max_runs),
+        "--system-metrics" if cfg.system_metrics else "--no-system-metrics",
     ]  # fmt: skip
     if cfg.log_file is not None:
         argv += ["--log-file", str(cfg.log_file)]

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
-import string
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,19 +26,17 @@ import msgpack
 import zmq
 
 from client import protocol
-from client.protocol import Close, Control, Hello, Metrics, Ping, ProtocolError
+from client.protocol import Close, ConfigUpdate, Control, Hello, Metrics, Ping, ProtocolError, Refused, SummaryUpdate
 
 from .proc import pid_alive
-from .spool import TRUSTED_LIMITS, RunMeta, RunSpool, Spool, UploaderState
+from .spool import RunMeta, RunSpool, Spool, UploaderState, decode_record
+from .steps import StepClock
 
 log = logging.getLogger("kforge_sidecar.receiver")
 
-_ID_ALPHABET = string.ascii_lowercase + string.digits
-
-
-def mint_run_id() -> str:
-    """A wandb-style run ID (8 of [a-z0-9], like wandb.util.generate_id)."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+# One run holds one session per trainer process that attached to it (a resume is a
+# new one); past this many, a hello for the run is refused rather than grow memory.
+MAX_SESSIONS_PER_RUN = 1000
 
 
 @dataclass
@@ -69,10 +65,12 @@ class RunState:
     spool: RunSpool
     meta: RunMeta
     received: int = 0  # metrics frames in the spool
-    last_step: int | None = None
     closed: bool = False
     exit_code: int | None = None
     client_dropped: int = 0  # frames the clients reported dropping (full buffer)
+    late: int = 0  # rows below the run's current step in one session: wandb cannot chart them
+    refused: int = 0  # frames the receiver refused (their seqs used up)
+    clock: StepClock = field(default_factory=StepClock)  # wandb's step rule over the records
     sessions: set[str] = field(default_factory=set)
     orphaned_since: float | None = None  # open, and every trainer of it gone
     dirty: bool = False
@@ -83,11 +81,18 @@ class RunState:
         """Frames wandb has not kept yet, or a close it has not seen (and not failed for good)."""
         return up.state != "failed" and (self.received > up.trusted or (self.closed and up.state != "finished"))
 
+    @property
+    def last_step(self) -> int | None:
+        """The highest step on the run's chart (after a rewind, the resumed trainer's)."""
+        return self.clock.top
+
     def take_snapshot(self, sessions: dict[str, Session]) -> None:
         self.snapshot = (
             self.spool.log.size(),
             self.received,
-            self.last_step,
+            self.late,
+            self.refused,
+            self.clock.copy(),
             self.closed,
             self.exit_code,
             {s: sessions[s].seq for s in self.sessions if s in sessions},
@@ -95,10 +100,11 @@ class RunState:
 
 
 class Receiver:
-    def __init__(self, spool: Spool, limits: protocol.Limits, on_control: Callable[[str], dict]):
+    def __init__(self, spool: Spool, limits: protocol.Limits, on_control: Callable[[str], dict], max_runs: int = 64):
         self.spool = spool
         self.host = socket.gethostname()
         self.limits = limits
+        self.max_runs = max_runs
         self.runs: dict[str, RunState] = {}
         self.sessions: dict[str, Session] = {}
         self.rejected: Counter[str] = Counter()
@@ -125,7 +131,7 @@ class Receiver:
             run = RunState(spool=rs, meta=meta)
             for rec in rs.log.records():
                 try:
-                    msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+                    msg = decode_record(rec.payload)
                 except ProtocolError as exc:  # cannot happen for frames we validated
                     log.error("run %s: unreadable spool record at offset %d: %s", run_id, rec.offset, exc)
                     continue
@@ -137,7 +143,7 @@ class Receiver:
             self.runs[run_id] = run
             log.info("run %s: recovered %d frames (closed=%s)", run_id, run.received, run.closed)
 
-    def _apply(self, run: RunState, msg: protocol.Request) -> None:
+    def _apply(self, run: RunState, msg: protocol.Record) -> None:
         """Account for a record that is in the run's log (on recovery, or just appended)."""
         if isinstance(msg, Hello):
             sess = self.sessions.get(msg.session)
@@ -145,6 +151,7 @@ class Receiver:
                 sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
                 sess.local = msg.host == self.host and pid_alive(msg.pid)
             run.sessions.add(msg.session)
+            run.clock.hello(msg.session)
             if run.closed:  # a new session after a close re-opens the run (resume)
                 run.closed = False
                 run.exit_code = None
@@ -153,10 +160,13 @@ class Receiver:
         sess.seq = msg.seq
         if isinstance(msg, Metrics):
             run.received += 1
-            run.last_step = msg.step if run.last_step is None else max(run.last_step, msg.step)
+            if run.clock.place(msg.session, msg.step, msg.commit)[1] == "late":
+                run.late += 1
         elif isinstance(msg, Close):
             run.closed = True
             run.exit_code = msg.exit_code
+        elif isinstance(msg, Refused):
+            run.refused += 1
 
     # ---------------------------------------------------------------- frames
 
@@ -169,7 +179,8 @@ class Receiver:
         try:
             msg = protocol.decode_request(raw, self.limits)
         except ProtocolError as exc:
-            self._reject(identity, exc, raw)
+            if not self._refuse(identity, exc, raw):
+                self._reject(identity, exc, raw)
             return
         if isinstance(msg, Control):
             self._send(identity, protocol.Reply(body=self._on_control(msg.t)))
@@ -179,7 +190,7 @@ class Receiver:
             sess.last_seen = time.monotonic()
         if isinstance(msg, Ping):
             if sess is None:  # e.g. this sidecar restarted with a fresh spool: the client says hello again
-                self._send(identity, protocol.Error(msg.session, "unknown session; say hello first"))
+                self._send(identity, protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION))
         elif isinstance(msg, Hello):
             self._hello(identity, msg, raw)
         else:
@@ -188,13 +199,20 @@ class Receiver:
     def _hello(self, identity: bytes, msg: Hello, raw: bytes) -> None:
         sess = self.sessions.get(msg.session)
         if sess is None:
-            run_id = msg.run_id or mint_run_id()
+            run_id = msg.run_id or protocol.mint_run_id()
             run = self.runs.get(run_id)
+            refusal = self._over_capacity(run)
+            if refusal:
+                self.rejected["capacity"] += 1
+                log.warning("run %s: refusing session %s (pid %d, host %s): %s", run_id, msg.session, msg.pid, msg.host, refusal)
+                self._send(identity, protocol.Error(msg.session, refusal, fatal=True, code=protocol.E_FATAL))
+                return
             try:
                 if run is None:
                     meta = RunMeta(
-                        run_id=run_id, project=msg.project, name=msg.name, config=msg.config, host=msg.host, wandb_init=msg.wandb
-                    )
+                        run_id=run_id, project=msg.project, name=msg.name, config=msg.config, host=msg.host,
+                        wandb_init=msg.wandb, pid=msg.pid, process=msg.process,
+                    )  # fmt: skip
                     rs = self.spool.create_run(meta)
                     rs.log.open_for_append()
                     run = self.runs[run_id] = RunState(spool=rs, meta=meta)
@@ -209,7 +227,7 @@ class Receiver:
                 run.spool.log.append(raw)
             except OSError as exc:
                 self._disk_failed(run_id, exc)
-                self._send(identity, protocol.Error(msg.session, f"spool unwritable: {exc}"))
+                self._send(identity, protocol.Error(msg.session, f"spool unwritable: {exc}", code=protocol.E_DISK))
                 return
             self._apply(run, msg)
             run.dirty = True
@@ -217,7 +235,7 @@ class Receiver:
         sess.identity = identity
         if msg.first > sess.seq + 1:  # the client dropped these for good (full buffer)
             run = self.runs[sess.run_id]
-            run.client_dropped += msg.first - 1 - sess.seq
+            run.client_dropped = min(run.client_dropped + msg.first - 1 - sess.seq, protocol.INT64_MAX)
             log.warning(
                 "run %s: session %s dropped frames %d..%d before they reached the sidecar (client buffer full)",
                 sess.run_id, sess.session, sess.seq + 1, msg.first - 1,
@@ -225,11 +243,59 @@ class Receiver:
             sess.seq = msg.first - 1
         self._welcomes[sess.session] = sess
 
-    def _frame(self, identity: bytes, msg: Metrics | Close, raw: bytes) -> None:
+    def _over_capacity(self, run: RunState | None) -> str | None:
+        """Why a new session cannot be taken, if it cannot: caps on runs and sessions keep
+        one client from filling the sidecar with runs, uploader processes or memory."""
+        if run is None:
+            open_runs = sum(1 for r in self.runs.values() if not r.closed)
+            if open_runs >= self.max_runs:
+                return f"this sidecar already has {open_runs} open runs (--max-runs {self.max_runs}); not opening another"
+        elif len(run.sessions) >= MAX_SESSIONS_PER_RUN:
+            return f"run already had {len(run.sessions)} trainer sessions; not attaching another"
+        return None
+
+    def _refuse(self, identity: bytes, exc: ProtocolError, raw: bytes) -> bool:
+        """Refuse exactly one frame of a known session, so its stream goes on: its seq is
+        used up by a ``refused`` record in the spool. False if the frame cannot be
+        attributed (no sound session and seq), for ``_reject``."""
+        peek = protocol.peek_seq(raw)
+        sess = self.sessions.get(peek[0]) if peek else None
+        if sess is None or peek is None:
+            return False
+        seq = peek[1]
+        sess.identity = identity
+        sess.last_seen = time.monotonic()
+        self.rejected[exc.reason] += 1
+        self._log_reject(exc, f"run {sess.run_id} session {sess.session} frame {seq}")
+        if seq <= sess.seq:  # refused (or stored) before: a resend
+            self._acks[sess.session] = sess
+            return True
+        if seq > sess.seq + 1:  # frames before it are missing: have them first
+            self._nack(identity, sess)
+            return True
+        run = self.runs[sess.run_id]
+        record = Refused(sess.session, seq, f"{exc.reason}: {exc.detail}"[:500])
+        try:
+            run.spool.log.append(protocol.encode(record))
+        except OSError as e:
+            self._disk_failed(run.meta.run_id, e)
+            return True
+        self._apply(run, record)
+        run.dirty = True
+        self._acks[sess.session] = sess
+        self._send(identity, protocol.Error(sess.session, str(exc), code=protocol.E_REFUSED, seq=seq))
+        return True
+
+    def _nack(self, identity: bytes, sess: Session) -> None:
+        if sess.nacked != sess.seq:  # a burst of gaps gets one nack
+            sess.nacked = sess.seq
+            self._send(identity, protocol.Nack(sess.session, sess.seq))
+
+    def _frame(self, identity: bytes, msg: Metrics | ConfigUpdate | SummaryUpdate | Close, raw: bytes) -> None:
         sess = self.sessions.get(msg.session)
         if sess is None:
             # e.g. the hello was lost with a dead connection: the client says hello again.
-            self._send(identity, protocol.Error(msg.session, "unknown session; say hello first"))
+            self._send(identity, protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION))
             return
         sess.identity = identity
         if msg.seq <= sess.seq:  # a resend of what we have
@@ -237,9 +303,7 @@ class Receiver:
             self._acks[sess.session] = sess
             return
         if msg.seq > sess.seq + 1:  # frames in between were lost on the way
-            if sess.nacked != sess.seq:
-                sess.nacked = sess.seq
-                self._send(identity, protocol.Nack(sess.session, sess.seq))
+            self._nack(identity, sess)
             return
         run = self.runs[sess.run_id]
         try:
@@ -340,7 +404,8 @@ class Receiver:
         """An fsync failed: what was appended since the last commit may not be on disk.
         Cut it and forget it; the clients still hold those frames and resend them."""
         self._disk_failed(run.meta.run_id, exc)
-        size, run.received, run.last_step, run.closed, run.exit_code, seqs = run.snapshot
+        size, run.received, run.late, run.refused, clock, run.closed, run.exit_code, seqs = run.snapshot
+        run.clock = clock.copy()
         try:
             os.truncate(run.spool.log.path, size)
         except OSError:
@@ -366,15 +431,38 @@ class Receiver:
 
     def _reject(self, identity: bytes | None, exc: ProtocolError, raw: bytes = b"") -> None:
         self.rejected[exc.reason] += 1
+        self._log_reject(exc)
+        if identity is not None:
+            # A rejected hello is fatal too: the client could only repeat it, forever.
+            fatal = exc.reason == "version" or _is_hello(raw)
+            self._send(identity, protocol.Error(None, str(exc), fatal=fatal, code=protocol.E_FATAL if fatal else ""))
+
+    def _log_reject(self, exc: ProtocolError, where: str = "") -> None:
         now = time.monotonic()
         # a flood of garbage must not flood the log: one line per reason per 10 s
         if now - self._last_reject_log.get(exc.reason, -1e9) >= 10.0:
             self._last_reject_log[exc.reason] = now
-            log.warning("rejected frame: %s (%d rejected for this reason so far)", exc, self.rejected[exc.reason])
-        if identity is not None:
-            # A rejected hello is fatal too: the client could only repeat it, forever.
-            fatal = exc.reason == "version" or _is_hello(raw)
-            self._send(identity, protocol.Error(None, str(exc), fatal=fatal))
+            context = f" ({where})" if where else ""
+            log.warning("rejected frame%s: %s (%d rejected for this reason so far)", context, exc, self.rejected[exc.reason])
+
+    def internal_error(self, exc: BaseException, parts: list[bytes]) -> None:
+        """A bug met while handling one message: counted and logged with context; the
+        sidecar goes on serving everyone else."""
+        self.rejected["internal"] += 1
+        context = "?"
+        try:
+            obj = msgpack.unpackb(parts[-1], raw=False) if parts else None
+            if isinstance(obj, dict):
+                context = f"type {str(obj.get('t'))[:20]!r} session {str(obj.get('session'))[:64]!r} seq {str(obj.get('seq'))[:24]}"
+        except Exception:
+            pass
+        now = time.monotonic()
+        if now - self._last_reject_log.get("internal", -1e9) >= 10.0:
+            self._last_reject_log["internal"] = now
+            log.error(
+                "internal error handling a message (%s); dropped it and serving on (%d so far)",
+                context, self.rejected["internal"], exc_info=exc,
+            )  # fmt: skip
 
 
 def _is_hello(raw: bytes) -> bool:

@@ -49,7 +49,7 @@ class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir)
-        self.receiver = Receiver(self.spool, cfg.limits, self._control)
+        self.receiver = Receiver(self.spool, cfg.limits, self._control, max_runs=cfg.max_runs)
         self.supervisor = Supervisor(cfg)
         self.started = time.time()
         self.stopping = False
@@ -146,7 +146,10 @@ class Server:
                         parts = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.receiver.handle(parts)
+                    try:
+                        self.receiver.handle(parts)
+                    except Exception as exc:  # one message's bug must not stop every trainer's frames
+                        self.receiver.internal_error(exc, parts)
             now = time.monotonic()
             if self.receiver.dirty and now - last_commit >= self.cfg.commit_interval:
                 self.receiver.commit(sock)

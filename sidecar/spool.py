@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from client.protocol import RUN_ID_RE, Limits
+from client.protocol import RUN_ID_RE, Limits, Record, decode_request
 
 log = logging.getLogger("kforge_sidecar.spool")
 
@@ -37,6 +37,11 @@ MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
 # Records were validated on the way in; read them back without the receiver's caps,
 # which may have been lowered since.
 TRUSTED_LIMITS = Limits(max_frame_bytes=MAX_RECORD, max_hello_bytes=MAX_RECORD, max_scalars=1 << 20)
+
+
+def decode_record(payload: bytes) -> Record:
+    """One frames.log record as its message (a client frame, or the receiver's ``refused``)."""
+    return decode_request(payload, TRUSTED_LIMITS, spool=True)  # type: ignore[return-value]
 
 
 def default_spool_dir() -> Path:
@@ -90,6 +95,8 @@ class RunMeta:
     host: str
     wandb_init: dict[str, Any] = field(default_factory=dict)  # per-run wandb.init options
     created: float = field(default_factory=time.time)
+    pid: int | None = None  # the first trainer's pid (wandb samples its CPU and memory)
+    process: dict[str, Any] = field(default_factory=dict)  # its program, args, cwd, git (protocol.PROCESS_KEYS)
 
 
 @dataclass
@@ -100,8 +107,10 @@ class UploaderState:
     state: str = "waiting"  # waiting, initializing, live, retrying, failed, finished
     offset: int = 0  # the restart point: everything before it is kept by wandb
     trusted: int = 0  # metrics frames before ``offset``
-    trusted_step: int | None = None  # the highest step before ``offset``
+    clock: dict[str, Any] | None = None  # the StepClock at ``offset`` (sidecar/steps.py)
+    step_offset: int = 0  # wandb's _step minus the trainer's step (a resume on a server without rewind)
     uploaded: int = 0  # metrics frames handed to wandb (>= trusted)
+    late: int = 0  # rows wandb could not place (below the run's current step), not handed
     last_step: int | None = None
     error: str | None = None
     wandb_dir: str | None = None  # where wandb keeps the run's files

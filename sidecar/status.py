@@ -11,7 +11,7 @@ from typing import Any
 from client import protocol
 
 from .receiver import RunState
-from .spool import TRUSTED_LIMITS, Spool, UploaderState
+from .spool import Spool, UploaderState, decode_record
 
 
 def run_status(
@@ -36,6 +36,8 @@ def run_status(
         "closed": run.closed,
         "exit_code": run.exit_code,
         "client_dropped": run.client_dropped,
+        "late": max(run.late, up.late),  # rows wandb cannot chart (below the run's current step)
+        "refused": run.refused,
         "uploader_pid": uploader_pid,
         "uploader_restarts": restarts,
         "retry_in": retry_in,
@@ -56,16 +58,19 @@ def offline_status(spool: Spool) -> dict[str, Any]:
         run = RunState(spool=rs, meta=meta)
         for rec in rs.log.records():
             try:
-                msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+                msg = decode_record(rec.payload)
             except protocol.ProtocolError:
                 continue
             if isinstance(msg, protocol.Metrics):
                 run.received += 1
-                run.last_step = msg.step if run.last_step is None else max(run.last_step, msg.step)
+                run.late += run.clock.place(msg.session, msg.step, msg.commit)[1] == "late"
             elif isinstance(msg, protocol.Close):
                 run.closed, run.exit_code = True, msg.exit_code
             elif isinstance(msg, protocol.Hello):
+                run.clock.hello(msg.session)
                 run.closed, run.exit_code = False, None
+            elif isinstance(msg, protocol.Refused):
+                run.refused += 1
         runs.append(run_status(run, rs.read_uploader()))
     return {"sidecar": None, "spool_dir": str(spool.root), "runs": runs}
 
@@ -104,6 +109,10 @@ def format_status(body: dict[str, Any]) -> str:
     for row in (header, *rows):
         lines.append("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
     for r in runs:
+        if r.get("late"):
+            lines.append(f"{r['run_id']}: {r['late']} rows logged below the run's current step (wandb cannot chart them; kept in the spool)")
+        if r.get("refused"):
+            lines.append(f"{r['run_id']}: {r['refused']} frames refused by the sidecar (see its log)")
         if r["last_error"]:
             retry = f" (next attempt in {r['retry_in']:.0f}s)" if r.get("retry_in") else ""
             lines.append(f"{r['run_id']}: {r['last_error']}{retry}")

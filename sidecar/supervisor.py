@@ -60,6 +60,8 @@ class Supervisor:
                 self._check_heartbeat(run_id, w, st)
                 continue
             if spawn and run.needs_upload(st) and now >= self.backoff.get(run_id, Backoff()).not_before:
+                if len(self.workers) >= self.cfg.max_runs:
+                    continue  # at the cap of uploader processes: this run waits for a free one
                 self._spawn(run_id, run)
 
     def retry_in(self, run_id: str) -> float | None:
@@ -79,6 +81,8 @@ class Supervisor:
             "--drain-timeout", str(self.cfg.drain_timeout),
             "--log-level", self.cfg.log_level,
         ]  # fmt: skip
+        if not self.cfg.system_metrics:
+            cmd.append("--no-system-metrics")
         # wandb's own settings (WANDB_MODE, WANDB_DIR, WANDB_API_KEY, ...) pass through in the environment.
         proc = subprocess.Popen(
             cmd,

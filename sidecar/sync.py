@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client import protocol
 
-from .spool import TRUSTED_LIMITS, RunSpool, Spool
+from .spool import RunSpool, Spool, decode_record
 from .uploader import EXIT_DONE, EXIT_LOCKED
 
 
@@ -35,11 +35,11 @@ def pending(run: RunSpool) -> Pending:
     st = run.read_uploader()
     frames, closed = 0, False
     for rec in run.log.records():
-        msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+        msg = decode_record(rec.payload)
         if isinstance(msg, protocol.Metrics):
             frames += rec.offset >= st.offset
-        else:  # a close ends the run, a later hello (a resumed session) re-opens it
-            closed = isinstance(msg, protocol.Close)
+        elif isinstance(msg, (protocol.Close, protocol.Hello)):
+            closed = isinstance(msg, protocol.Close)  # a later hello (a resumed session) re-opens the run
     return Pending(run, frames, closed and st.state != "finished")
 
 

@@ -1,12 +1,20 @@
 """The uploader: one process per run, the only code that imports wandb.
 
 Started and watched by the sidecar's supervisor as
-``python -m sidecar.uploader --run-dir <spool>/runs/<run_id>`` (and run
-in-process by ``kforge-sidecar sync``). It reads the run's frames.log from
+``python -m sidecar.uploader --run-dir <spool>/runs/<run_id>`` (and by
+``kforge-sidecar sync`` with ``--sync``). It reads the run's frames.log from
 its cursor, calls ``wandb.init`` lazily on the first metrics frame, logs every
 frame, and advances the cursor in uploader.json. A close frame finishes the
 run. wandb can wedge this process; that is why it is a process: the sidecar
 kills it when its heartbeat stops, and the other runs never notice.
+
+Steps follow wandb's own rule (``steps.StepClock``): a row below the run's
+current step within one trainer session is late (wandb would drop it): it
+is counted, never handed, and never rewinds anything. Only a resumed
+session's first row may go back; then the run is rewound to just before it
+(``resume_from``), and on a backend without rewind the resumed rows are
+appended after the run's last step instead, each with its own step as
+``trainer/step`` (README, "Resume").
 
 The cursor only moves past what wandb has really kept:
 - offline, a frame counts once its step is in wandb-core's own transaction
@@ -31,18 +39,19 @@ import logging
 import os
 import re
 import signal
+import socket
 import struct
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from client import protocol
-from client.protocol import Close, Metrics
+from client.protocol import Close, ConfigUpdate, Hello, Metrics, SummaryUpdate
 
-from .spool import TRUSTED_LIMITS, RunMeta, RunSpool
+from .spool import RunMeta, RunSpool, decode_record
+from .steps import StepClock
 
 log = logging.getLogger("kforge_sidecar.uploader")
 
@@ -56,6 +65,10 @@ _PERMANENT = re.compile(
     r"\b(401|403)\b|not logged in|api[ _-]?key|unauthori[sz]ed|forbidden|permission denied|not installed",
     re.IGNORECASE,
 )
+# A backend that does not offer rewind (self-managed servers; a preview on W&B cloud)
+# refuses resume_from: the resume is appended instead (README, "Resume").
+_NO_REWIND = re.compile(r"rewind|resume_?from", re.IGNORECASE)
+TRAINER_STEP = "trainer/step"  # the trainer's own step, on rows appended after a refused rewind
 
 
 class Transient(Exception):
@@ -72,28 +85,29 @@ class UploaderConfig:
     heartbeat: float = 0.5  # how often uploader.json is rewritten, busy or idle
     drain_timeout: float = 30.0
     sync: bool = False  # kforge-sidecar sync: retry a failed run, stop at the end of the log
+    system_metrics: bool = True  # sample the trainer's process and the node's GPUs into the run
 
 
 class Uploader:
-    def __init__(self, cfg: UploaderConfig, progress: Callable[[int], None] | None = None):
+    def __init__(self, cfg: UploaderConfig):
         self.cfg = cfg
         self.spool = RunSpool(cfg.run_dir)
         self.state = self.spool.read_uploader()
         self.run: Any = None  # the wandb run, once initialised
         self.offline = True
         self.draining = False
-        self._progress = progress
         self._parent = os.getppid()
         self._last_save = 0.0
-        # (monotonic time, offset, frames, step) of each frame handed to wandb, not yet trusted
-        self._handed: deque[tuple[float, int, int, int]] = deque()
+        # (monotonic time, offset, frames, wandb step, clock) of each frame handed to wandb, not yet trusted
+        self._handed: deque[tuple[float, int, int, int, dict]] = deque()
         self._handed_offset = self.state.offset
         self._drain_deadline: float | None = None
         self._txlog: TransactionLog | None = None
-        # the highest step handed to the wandb run (after a restart: the highest kept);
-        # a frame below it means a resume from a checkpoint
-        self._max_step: int | None = self.state.trusted_step
+        # wandb's step rule at the cursor; a resumed session's first row may rewind the run
+        self._clock = StepClock.from_dict(self.state.clock)
         self._rewind_to: int | None = None
+        self._late = 0
+        self._trainer: Hello | None = None  # the latest trainer session seen (its pid and program)
 
     def stop(self, *_: Any) -> None:
         """SIGTERM: hand wandb what is spooled within half the drain time, then finish."""
@@ -123,32 +137,7 @@ class Uploader:
             while True:
                 draining = self.draining or self.cfg.sync or os.getppid() != self._parent
                 for rec in self.spool.log.records(self._handed_offset):
-                    msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
-                    if isinstance(msg, Metrics):
-                        if self._max_step is not None and msg.step < self._max_step:
-                            # A trainer resumed from an earlier checkpoint: wandb would drop
-                            # these steps. Rewind the run to just before them instead.
-                            if self.run is not None:
-                                log.info(
-                                    "run %s: step %d after step %d: a resume from a checkpoint; "
-                                    "closing this segment and rewinding the run", meta.run_id, msg.step, self._max_step,
-                                )  # fmt: skip
-                                self._finish(None)
-                                return EXIT_DONE  # a fresh uploader inits with the rewind
-                            self._rewind_to = msg.step - 1
-                        if self.run is None and not self._init(meta):
-                            return EXIT_DONE
-                        if msg.values:
-                            self.run.log(msg.values, step=msg.step)
-                        self._max_step = msg.step if self._max_step is None else max(self._max_step, msg.step)
-                        self.state.uploaded += 1
-                        self.state.last_step = msg.step
-                        self._handed.append((time.monotonic(), rec.end, self.state.uploaded, msg.step))
-                        if self._progress:
-                            self._progress(1)
-                    elif isinstance(msg, Close):
-                        self._handed_offset = rec.end
-                        self._finish(msg.exit_code)
+                    if not self._record(meta, rec.payload, rec.end):
                         return EXIT_DONE
                     self._handed_offset = rec.end
                     self._save()
@@ -174,7 +163,99 @@ class Uploader:
             log.warning("run %s: %s; a fresh uploader will retry", self.spool.run_id, exc)
             return EXIT_RETRY
 
+    def _record(self, meta: RunMeta, payload: bytes, end: int) -> bool:
+        """Hand one spool record to wandb. False when this uploader is done (run finished,
+        the sentinel, or a segment closed for a rewind)."""
+        msg = decode_record(payload)
+        if isinstance(msg, Hello):
+            self._clock.hello(msg.session)
+            self._trainer = msg
+        elif isinstance(msg, Metrics):
+            before = self._clock.copy()
+            step, how = self._clock.place(msg.session, msg.step, msg.commit)
+            if how == "late":
+                self._count_late(step)
+            else:
+                if how == "rewind":
+                    if self.run is not None:
+                        log.info(
+                            "run %s: a resumed trainer starts at step %d, below step %d: closing this segment "
+                            "(its trainer crashed: exit code 1) and rewinding the run", meta.run_id, step, before.top,
+                        )  # fmt: skip
+                        self._clock = before  # the next uploader places this frame again, with the rewind
+                        self._finish(1, final=False)
+                        return False
+                    self._rewind_to = max(step - 1, 0)
+                if self.run is None and not self._init(meta):
+                    return False
+                offset = self.state.step_offset
+                if msg.values or offset:
+                    values = dict(msg.values, **{TRAINER_STEP: step}) if offset else msg.values
+                    self.run.log(values, step=step + offset)
+                step += offset
+            self.state.uploaded += 1
+            self.state.last_step = step
+            self._handed.append((time.monotonic(), end, self.state.uploaded, step, self._clock.to_dict()))
+        elif isinstance(msg, (ConfigUpdate, SummaryUpdate)):
+            if self.run is None and not self._init(meta):
+                return False
+            if isinstance(msg, ConfigUpdate):
+                self.run.config.update(msg.values, allow_val_change=True)
+            else:
+                self.run.summary.update(msg.values)
+        elif isinstance(msg, Close):
+            self._handed_offset = end
+            self._finish(msg.exit_code)
+            return False
+        return True  # Refused: nothing for wandb
+
+    def _count_late(self, step: int) -> None:
+        self._late += 1
+        if self._late == 1 or self._late % 1000 == 0:
+            log.warning(
+                "run %s: step %d is below the run's current step %d in the same session; wandb cannot chart it, "
+                "so it stays in the spool only (%d such rows; `status` counts them as late)",
+                self.spool.run_id, step, self._clock.cur, self._late,
+            )  # fmt: skip
+
     # ---------------------------------------------------------------- wandb
+
+    def _settings(self, wandb: Any, meta: RunMeta) -> Any:
+        """wandb settings: our timeouts, and the trainer's description, so the run shows the
+        trainer's program, args, git and host, and samples the trainer's process."""
+        trainer = self._trainer
+        process = (trainer.process if trainer else None) or meta.process or {}
+        pid = trainer.pid if trainer else meta.pid
+        host = (trainer.host if trainer else None) or meta.host
+        opts: dict[str, Any] = dict(
+            init_timeout=self.cfg.init_timeout,
+            finish_timeout=self.cfg.finish_timeout,
+            finish_timeout_raises=True,
+            x_transaction_log_flush_interval=self.cfg.flush_interval,
+            console="off",  # the uploader's own output is not the trainer's
+            silent=True,
+            host=host or None,
+        )
+        program = process.get("program")
+        if program:
+            opts["program"] = program
+            if os.path.isabs(program):
+                opts["program_abspath"] = program
+            # wandb reads the run's arguments from sys.argv: this process is the trainer's stand-in
+            sys.argv = [program, *process.get("args", [])]
+        if process.get("executable"):
+            opts["x_executable"] = process["executable"]
+        if process.get("git_commit"):
+            opts["git_commit"] = process["git_commit"]
+            opts["git_remote_url"] = process.get("git_remote") or None
+        else:
+            opts["disable_git"] = True  # the sidecar's own checkout is not the trainer's
+        local = bool(pid) and host == socket.gethostname()
+        if self.cfg.system_metrics and local:
+            opts["x_stats_pid"] = pid  # the trainer's CPU and memory; GPUs are the node's
+        else:
+            opts["x_disable_stats"] = True  # this process's figures are not the job's
+        return wandb.Settings(**opts)
 
     def _init(self, meta: RunMeta) -> bool:
         """Lazy wandb.init. A permanent failure enters the sentinel and returns False;
@@ -186,31 +267,27 @@ class Uploader:
             import wandb
         except ImportError as exc:
             return self._sentinel(f"wandb not installed: {exc}")
-        settings = wandb.Settings(
-            init_timeout=self.cfg.init_timeout,
-            finish_timeout=self.cfg.finish_timeout,
-            finish_timeout_raises=True,
-            x_transaction_log_flush_interval=self.cfg.flush_interval,
-            console="off",  # the uploader's own output is not the trainer's
-            x_disable_stats=True,  # this process's CPU and memory are not the job's
-            silent=True,
-        )
+        settings = self._settings(wandb, meta)
         opts = dict(meta.wandb_init)
         if "base_url" in opts:
             settings.base_url = opts.pop("base_url")
-        if self._rewind_to is not None:
-            # resume_from rewinds the run's history to that step and continues it; offline
-            # the rewind is recorded as the run's branch point and applied at `wandb sync`
-            opts["resume_from"] = f"{meta.run_id}?_step={self._rewind_to}"
-            log.info("run %s: rewinding to step %d", meta.run_id, self._rewind_to)
-        else:
-            opts["id"] = meta.run_id
-            opts["resume"] = "allow"  # a deleted run comes back as a fresh one under this ID
         t0 = time.monotonic()
         try:
-            self.run = wandb.init(
-                project=meta.project or None, name=meta.name, config=meta.config, settings=settings, **opts
-            )
+            try:
+                self.run = self._wandb_init(wandb, meta, settings, opts)
+            except Exception as exc:
+                if self._rewind_to is None or not _NO_REWIND.search(str(exc)):
+                    raise
+                # The backend has no rewind: append the resumed rows after the run's last
+                # step instead, each carrying its own step as trainer/step.
+                log.warning(
+                    "run %s: the wandb backend refused the rewind (%s); appending the resumed rows after the "
+                    "run's last step, with the trainer's step in %r", meta.run_id, " ".join(str(exc).split())[:200], TRAINER_STEP,
+                )  # fmt: skip
+                first, self._rewind_to = self._rewind_to + 1, None
+                self.run = self._wandb_init(wandb, meta, settings, opts)
+                self.state.step_offset = max(0, int(self.run.starting_step) - first)
+                self.run.define_metric(TRAINER_STEP)
         except Exception as exc:  # wandb.errors.Error and whatever its backend raises
             reason = f"WandB init failed: {type(exc).__name__}: {exc}"
             if _permanent(exc):
@@ -220,14 +297,25 @@ class Uploader:
             self.state.busy_until = None
         self.offline = bool(getattr(self.run.settings, "_offline", False))
         self._txlog = TransactionLog(Path(self.run.dir).parent / f"run-{self.run.id}.wandb")
-        if self._rewind_to is not None:
-            self._max_step, self._rewind_to = self._rewind_to, None
+        self._rewind_to = None
         self.state.state = "live"
         self.state.error = None
         self.state.wandb_dir = str(Path(self.run.dir).parent)
         self._save(force=True)
         log.info("run %s: wandb.init done in %.2fs (%s)", meta.run_id, time.monotonic() - t0, self.state.wandb_dir)
         return True
+
+    def _wandb_init(self, wandb: Any, meta: RunMeta, settings: Any, opts: dict[str, Any]) -> Any:
+        opts = dict(opts)
+        if self._rewind_to is not None:
+            # resume_from rewinds the run's history to that step and continues it; offline
+            # the rewind is recorded as the run's branch point and applied at `wandb sync`
+            opts["resume_from"] = f"{meta.run_id}?_step={self._rewind_to + self.state.step_offset}"
+            log.info("run %s: rewinding to step %d", meta.run_id, self._rewind_to)
+        else:
+            opts["id"] = meta.run_id
+            opts["resume"] = "allow"  # a deleted run comes back as a fresh one under this ID
+        return wandb.init(project=meta.project or None, name=meta.name, config=meta.config, settings=settings, **opts)
 
     def _sentinel(self, reason: str) -> bool:
         reason = " ".join(reason.split())[:500]
@@ -237,8 +325,11 @@ class Uploader:
         self._save(force=True)
         return False
 
-    def _finish(self, exit_code: int | None) -> None:
-        """finish() bounded by finish_timeout; on success everything handed is kept."""
+    def _finish(self, exit_code: int | None, final: bool = True) -> None:
+        """finish() bounded by finish_timeout; on success everything handed is kept.
+
+        ``exit_code`` None (a drain) finishes the wandb segment with 0; ``final`` False
+        closes a segment whose run goes on (a rewind)."""
         if self.run is not None:
             self.state.busy_until = time.time() + self.cfg.finish_timeout + 30
             self._save(force=True)
@@ -253,7 +344,7 @@ class Uploader:
             self.run = None
             self._txlog = None
         self._trust_all()
-        if exit_code is not None:
+        if exit_code is not None and final:
             self.state.state = "finished"
             log.info("run %s: finished (exit code %d, %d frames uploaded)", self.spool.run_id, exit_code, self.state.uploaded)
         else:
@@ -266,7 +357,7 @@ class Uploader:
         self._handed.clear()
         self.state.offset = self._handed_offset
         self.state.trusted = self.state.uploaded
-        self.state.trusted_step = self._max_step
+        self.state.clock = self._clock.to_dict()
 
     def _trust_flushed(self) -> None:
         """Offline: move the cursor over the frames whose step wandb-core has written.
@@ -278,9 +369,10 @@ class Uploader:
         if self._txlog is not None:
             written = self._txlog.last_step()
             while self._handed and written is not None and self._handed[0][3] <= written:
-                _, self.state.offset, self.state.trusted, self.state.trusted_step = self._handed.popleft()
+                _, self.state.offset, self.state.trusted, _, self.state.clock = self._handed.popleft()
         if not self._handed and self.run is None:
             self.state.offset = self._handed_offset  # only records with nothing for wandb
+            self.state.clock = self._clock.to_dict()
 
     def _save(self, force: bool = False) -> None:
         """Rewrite uploader.json: the cursor, and the heartbeat the supervisor watches."""
@@ -384,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--sync", action="store_true", help="kforge-sidecar sync: retry, upload to the end, finish")
+    p.add_argument("--no-system-metrics", action="store_true", help="do not sample the trainer's process and GPUs")
     a = p.parse_args(argv)
     logging.basicConfig(
         level=a.log_level.upper(),
@@ -401,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         flush_interval=a.flush_interval,
         drain_timeout=a.drain_timeout,
         sync=a.sync,
+        system_metrics=not a.no_system_metrics,
     )
     up = Uploader(cfg)
     signal.signal(signal.SIGTERM, up.stop)

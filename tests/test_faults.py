@@ -19,7 +19,7 @@ import pytest
 from client import protocol
 from conftest import all_history, children, finish_trainer, start_trainer, wait_for
 from fakewandb import FakeWandb
-from sidecar.spool import TRUSTED_LIMITS, Spool
+from sidecar.spool import decode_record, Spool
 from trainer import train_metrics
 
 FAST = ("--retry-backoff", "0.5", "--retry-backoff-max", "2", "--heartbeat-timeout", "4")
@@ -32,7 +32,7 @@ def expected(steps: range) -> dict[int, dict]:
 def spooled(env, run_id: str) -> dict[int, dict]:
     out = {}
     for rec in Spool(env.spool).run(run_id).log.records():
-        msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+        msg = decode_record(rec.payload)
         if isinstance(msg, protocol.Metrics):
             out[msg.step] = msg.values
     return out

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_trainer, wait_for
 from fakewandb import FakeWandb
-from sidecar.spool import TRUSTED_LIMITS, Spool
+from sidecar.spool import decode_record, Spool
 from client import protocol
 from trainer import train_metrics
 
@@ -26,7 +26,7 @@ def spooled_steps(env, run_id: str) -> dict[int, dict]:
     run = Spool(env.spool).run(run_id)
     out = {}
     for rec in run.log.records():
-        msg = protocol.decode_request(rec.payload, TRUSTED_LIMITS)
+        msg = decode_record(rec.payload)
         if isinstance(msg, protocol.Metrics):
             out[msg.step] = msg.values
     return out
