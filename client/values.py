@@ -164,26 +164,32 @@ def _note(size: int) -> str:
 
 
 def _trim(node: dict | list, excess: int, path: str, trimmed: list[str]) -> bool:
-    """Cut at least ``excess`` bytes out of ``node`` (in place); False if nothing is left to cut."""
-    keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
-    if not keys:
+    """Cut at least ``excess`` bytes out of ``node`` (in place) if one part can; else its
+    largest part. False if nothing is left that a note would shrink."""
+    if not node:
         return False
+    keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
     sizes = {k: packed_size(node[k]) for k in keys}
     biggest = max(keys, key=lambda k: sizes[k])
     child = node[biggest]
     where = f"{path}.{biggest}" if path else str(biggest)
-    note = _note(sizes[biggest])
-    # Descend while the biggest part is a container much larger than what must go.
-    if isinstance(child, (dict, list)) and child and sizes[biggest] > 2 * excess + 1024:
+    # Descend while one part of the biggest part could cover the excess alone: the
+    # vocabulary inside "model" goes, "model.dim" beside it stays.
+    if isinstance(child, (dict, list)) and child and _largest_part(child) >= excess:
         child = dict(child) if isinstance(child, dict) else list(child)
         node[biggest] = child
-        if _trim(child, excess, where, trimmed):
-            return True
+        return _trim(child, excess, where, trimmed)
+    note = _note(sizes[biggest])
     if sizes[biggest] <= packed_size(note):
-        return False  # nothing left that a note would shrink
+        return False
     node[biggest] = note
     trimmed.append(where)
     return True
+
+
+def _largest_part(node: dict | list) -> int:
+    items = node.values() if isinstance(node, dict) else node
+    return max((packed_size(v) for v in items), default=0)
 
 
 def json_config(config: Any) -> dict[str, Any]:

@@ -131,7 +131,8 @@ def test_full_client_buffer_drops_oldest_and_the_rest_arrives(env, sidecar):
 
 def test_uploader_killed_restarts_from_cursor_and_other_runs_never_notice(env, sidecar):
     sc = sidecar(*FAST)
-    victim = start_trainer(env, "--steps", "300", "--sleep", "0.01", "--name", "victim", "--close-timeout", "90")
+    # long enough that the victim still logs when its uploader goes live, even on a loaded machine
+    victim = start_trainer(env, "--steps", "1000", "--sleep", "0.01", "--name", "victim", "--close-timeout", "90")
     bystander = start_trainer(env, "--steps", "300", "--sleep", "0.01", "--name", "bystander", "--close-timeout", "90")
 
     def victim_live():
@@ -148,7 +149,7 @@ def test_uploader_killed_restarts_from_cursor_and_other_runs_never_notice(env, s
     assert st_v["uploader_restarts"] >= 1 and st_b["uploader_restarts"] == 0
     assert f"run {out_v['run_id']}: uploader exited with code -9" in sc.log()
     rows, _ = all_history(env.wandb_dir, out_v["run_id"])
-    assert rows == expected(range(1, 301))
+    assert rows == expected(range(1, 1001))
     rows, dups = all_history(env.wandb_dir, out_b["run_id"])
     assert rows == expected(range(1, 301)) and dups == 0
 
