@@ -273,3 +273,26 @@ def wandb_summary(path: Path) -> dict:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def chart(wandb_dir: Path, run_id: str) -> dict[int, dict]:
+    """What the run's chart holds once wandb has taken every segment in order (what
+    ``wandb sync`` or the server does): a segment with a branch point first erases the
+    rows above it (a rewind); a continuing segment's rows at or below the run's last
+    step are dropped, as wandb drops them, unless they only repeat what is there."""
+    files = sorted(wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    assert files, f"no .wandb file for run {run_id} under {wandb_dir}"
+    rows: dict[int, dict] = {}
+    for f in files:
+        records = wandb_records(f)
+        branch = next((r["run"].get("branch_point") for r in records if r.get("type") == "run"), None)
+        if branch:
+            rows = {s: row for s, row in rows.items() if s <= branch["value"]}
+        top = max(rows, default=-1)
+        for step, row in wandb_history(f).items():
+            if step > top:
+                rows[step] = row
+            else:
+                lost = {k: v for k, v in row.items() if rows.get(step, {}).get(k) != v}
+                assert not lost, f"segment {f.parent.name} step {step}: wandb drops {lost} (below step {top})"
+    return rows

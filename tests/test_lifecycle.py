@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import ROOT, all_history, finish_trainer, start_trainer, stop_process, wait_for, wandb_records, wandb_summary
+from conftest import ROOT, all_history, chart, finish_trainer, start_trainer, stop_process, wait_for, wandb_records, wandb_summary
 from fakewandb import FakeWandb
 from trainer import train_metrics
 
@@ -59,9 +59,10 @@ def kill_trainer_mid_run(env, sc, after_frames: int) -> str:
 def test_resume_from_an_earlier_checkpoint_keeps_every_resumed_step_on_the_same_run(env, sidecar, tmp_path):
     sc = sidecar("--session-timeout", "5", "--resume-grace", "120")
     ckpt = tmp_path / "ckpt"
+    first_record = tmp_path / "first.jsonl"
     first = subprocess.Popen(
         [sys.executable, str(TINY), "--steps", "300", "--ckpt-every", "100", "--ckpt-dir", str(ckpt),
-         "--step-sleep", "0.03", "--eval-every", "50"],
+         "--step-sleep", "0.03", "--eval-every", "50", "--record", str(first_record)],
         env=env.vars(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -101,8 +102,18 @@ def test_resume_from_an_earlier_checkpoint_keeps_every_resumed_step_on_the_same_
     assert branch_point(files[-1]) == {"metric": "_step", "run": run_id, "value": 200}
     assert history_by_step(files[-1]) == resumed
     assert wandb_summary(files[-1])["exit_code"] == 0
+    assert wandb_summary(files[0])["exit_code"] == 1  # the crashed attempt is not reported as a success
     # and the first attempt's record reaches past the crash point on the same run
     assert max(history_by_step(files[0])) >= 249
+    # what the run's chart holds once the branch point is applied: the first attempt up
+    # to the checkpoint, then the resumed trajectory; the abandoned 201..250 are gone
+    before: dict[int, dict] = {}
+    for line in first_record.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["step"] <= 200:
+            before.setdefault(entry["step"], {}).update(entry["values"])
+    assert sorted(before) == list(range(1, 201))
+    assert chart(env.wandb_dir, run_id) == before | resumed
 
 
 def test_trainer_killed_without_close_is_finished_as_failed_after_the_grace(env, sidecar):
