@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import protocol, values as wire
+from . import device, protocol, values as wire
 from .address import ENV_ADDRESS, resolve_address
 from .transport import Transport
 
@@ -49,6 +49,7 @@ class ClientStats:
     errors: int  # calls swallowed inside log() (bad step, bad metrics)
     refused: int = 0  # frames the sidecar refused (counted in its status too)
     late: int = 0  # rows logged below a step this client had already logged
+    device_dropped: int = 0  # CUDA values dropped: every pinned slot in flight, or in a graph capture
 
 
 def _rank_from_env() -> int:
@@ -111,6 +112,48 @@ def describe_process() -> dict[str, Any]:
     return info
 
 
+class _StagedCall:
+    """One log() call with device values: packed by the sender once the copies are done."""
+
+    __slots__ = ("session", "kind", "time", "values", "staged", "step", "_done")
+
+    def __init__(self, session: str, kind: str, time: float, values: dict, staged: Any, step: Any):
+        self.session, self.kind, self.time, self.values = session, kind, time, values
+        self.staged, self.step, self._done = staged, step, False
+
+    def ready(self) -> bool:
+        return self.staged is None or self._done or self.staged.ready()
+
+    def resolve(self) -> None:
+        if not self._done:
+            self._done = True
+            if self.staged is not None:
+                host = self.staged.read()
+                if None in host:
+                    self.step = host.pop(None)
+                self.values.update(host)
+            if self.step is not None and not 0 <= self.step <= protocol.INT64_MAX:
+                self.step = None  # a negative device step: wandb's next step, not a refused frame
+
+
+class _StagedFrame:
+    """An outbox entry that becomes a frame once its call's device values are on the host."""
+
+    __slots__ = ("call", "seq", "keys", "commit")
+
+    def __init__(self, call: _StagedCall, seq: int, keys: list, commit: bool):
+        self.call, self.seq, self.keys, self.commit = call, seq, keys, commit
+
+    def ready(self) -> bool:
+        return self.call.ready()
+
+    def pack(self) -> bytes:
+        c = self.call
+        c.resolve()
+        values = {k: c.values[k] for k in self.keys if k in c.values}
+        return protocol.encode_metrics(c.session, self.seq, c.step, c.kind, c.time, values, self.commit)
+
+
 class MetricsClient:
     """Push scalar metrics to the local kforge-sidecar without ever blocking the caller."""
 
@@ -152,6 +195,7 @@ class MetricsClient:
         self._pid = os.getpid()
         self._host = socket.gethostname()
         self._process: dict[str, Any] | None = None
+        self._staging: device.Staging | None = None  # created on the first CUDA tensor
         # JSON-shaped and within the hello's limit, so that the hello can always be sent
         self._config = self._fit_config(wire.json_config(config), "config")
         self._wandb_init = dict(wandb_init or {})
@@ -192,6 +236,7 @@ class MetricsClient:
             return
         try:
             values = {}
+            on_device: dict[Any, Any] | None = None  # CUDA tensors: staged, never .item()'d here
             for k, v in metrics.items():
                 t = type(v)
                 if (t is float or t is bool or (t is int and _I64_MIN <= v <= _I64_MAX)) and (
@@ -200,13 +245,25 @@ class MetricsClient:
                     values[k] = v  # the common case, without a call
                 else:
                     key = wire.normal_key(k, self._warn)
-                    if key is not None:
-                        v = wire.scalar(key, v, self._warn)
-                        if v is not None:
-                            values[key] = v
+                    if key is None:
+                        continue
+                    if device.is_device_tensor(v) and wire.device_scalar(key, v, self._warn):
+                        on_device = on_device or {}
+                        on_device[key] = v
+                        continue
+                    v = wire.scalar(key, v, self._warn)
+                    if v is not None:
+                        values[key] = v
             if step is not None:
-                step = self._step(step)
+                if device.is_device_tensor(step):
+                    on_device = on_device or {}
+                    on_device[None] = step
+                else:
+                    step = self._step(step)
             now = time.time()
+            if on_device:
+                self._enqueue_staged(kind, values, on_device, step, now, commit)
+                return
             parts = [values] if len(values) <= wire.SAFE_KEYS else list(wire.chunks(values))
             last = len(parts) - 1
             for i, part in enumerate(parts):
@@ -223,6 +280,28 @@ class MetricsClient:
             self._errors += 1
             if self._errors == 1:
                 log.warning("kforge-sidecar client: log() failed; dropping this call (said once)", exc_info=True)
+
+    def _enqueue_staged(
+        self, kind: str, values: dict, on_device: dict, step: Any, now: float, commit: bool
+    ) -> None:
+        """A call with CUDA tensors: start their copies and queue frames that the sender
+        packs once the copies are done, in their place in the stream."""
+        if self._staging is None:
+            self._staging = device.Staging()
+        staged = self._staging.stage(on_device)
+        if staged is None:
+            if None in on_device:
+                return  # the step itself is on the device: without it the row has no place
+            on_device = {}
+        call = _StagedCall(self._session, kind, now, values, staged, step)
+        keys = dict.fromkeys(values, 0.0) | dict.fromkeys((k for k in on_device if k is not None), 0.0)
+        parts = [keys] if len(keys) <= wire.SAFE_KEYS else list(wire.chunks(keys))
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            seq = next(self._seq)
+            self._outbox.append((seq, _StagedFrame(call, seq, list(part), commit and i == last)))
+            self._last_seq = seq
+        self._logged += 1
 
     def _step(self, step: Any) -> int:
         if type(step) is not int:
@@ -377,7 +456,8 @@ class MetricsClient:
     def stats(self) -> ClientStats:
         t = self._transport
         if t is None:
-            return ClientStats(self._logged, 0, 0, 0, 0, self._dropped_values, self._errors, 0, self._late)
+            return ClientStats(self._logged, 0, 0, 0, 0, self._dropped_values, self._errors, 0, self._late,
+                               self._staging.dropped if self._staging else 0)
         c = t.counters
         return ClientStats(
             logged=self._logged,
@@ -390,6 +470,7 @@ class MetricsClient:
             errors=self._errors,
             refused=c.refused,
             late=self._late,
+            device_dropped=self._staging.dropped if self._staging else 0,
         )
 
     @property

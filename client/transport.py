@@ -96,6 +96,7 @@ class Transport(threading.Thread):
         self._rto = self.RTO_MIN
         self._warned_drop = False
         self._warned_refused = False
+        self._held: tuple[int, object] | None = None  # a staged frame waiting for its device copies
         self._fatal = False
         self.fatal_reason: str | None = None
         self.ever_welcomed = False
@@ -106,7 +107,7 @@ class Transport(threading.Thread):
 
     @property
     def buffered(self) -> int:
-        return len(self.outbox) + len(self._window)
+        return len(self.outbox) + len(self._window) + (self._held is not None)
 
     def wait_acked(self, seq: int, timeout: float) -> bool:
         """Wait until every frame up to ``seq`` is durable in the sidecar's spool."""
@@ -151,7 +152,7 @@ class Transport(threading.Thread):
                 if more:
                     tick = 1
                 else:
-                    tick = self.BUSY_TICK_MS if (self.outbox or self._window) else self.IDLE_TICK_MS
+                    tick = self.BUSY_TICK_MS if (self.outbox or self._window or self._held) else self.IDLE_TICK_MS
                 ready = dict(poller.poll(tick))
                 if monitor in ready:
                     self._on_monitor(monitor)
@@ -258,12 +259,25 @@ class Transport(threading.Thread):
         self._last_progress = time.monotonic()
 
     def _drain_outbox(self) -> bool:
-        """Move up to SLICE frames from the outbox into the window; True if more wait."""
+        """Move up to SLICE frames from the outbox into the window; True if more wait.
+
+        An entry that is not bytes is a frame whose device values are still being
+        copied (client/device.py): it is held, and everything behind it waits, so
+        frames keep their order."""
         c = self.counters
         for _ in range(self.SLICE):
-            if not self.outbox:
+            if self._held is not None:
+                seq, frame = self._held
+            elif not self.outbox:
                 return False
-            seq, frame = self.outbox.popleft()
+            else:
+                seq, frame = self.outbox.popleft()
+            if type(frame) is not bytes:
+                if not frame.ready():
+                    self._held = (seq, frame)
+                    return False
+                frame = frame.pack()
+            self._held = None
             if seq != self._base + len(self._window):
                 # The outbox's maxlen pushed frames out: the window must stay
                 # consecutive, so what it holds (older still) goes too.

@@ -110,6 +110,21 @@ def scalar(key: str, value: Any, warn: Warn) -> int | float | bool | None:
     return warn(key, f"{what} is not a scalar")
 
 
+def device_scalar(key: str, value: Any, warn: Warn) -> bool:
+    """A device tensor that can be staged (one real or integer element), else warned."""
+    try:
+        if value.numel() != 1:
+            warn(key, f"tensor of shape {tuple(value.shape)} is not a scalar")
+            return False
+        if value.is_complex():
+            warn(key, "complex tensor is not a scalar wandb can chart")
+            return False
+    except Exception as exc:
+        warn(key, f"unreadable tensor: {exc}")
+        return False
+    return True
+
+
 def _big_int(key: str, value: int, warn: Warn) -> float | None:
     # wandb stores an integer beyond int64 as a float64 (checked: 2**70 -> 1.1805916207174113e+21)
     try:
