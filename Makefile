@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Wall-clock budget for the whole suite (CI allows 90 min; it takes a few).
 TEST_BUDGET ?= 1500
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/log_latency.py
 	$(PY) bench/log_latency_faults.py
+
+# For a CUDA machine without a package index: the wheels bench/gpu_check.sh installs there
+gpu-wheels: $(STAMP)
+	bench/gpu_wheels.sh .whl
 
 clean:
 	rm -rf $(VENV) demo-out bench-out *.egg-info

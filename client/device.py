@@ -143,8 +143,12 @@ def _stage_device(torch: Any, ring: _Ring, group: dict[Any, Any]) -> _Part:
     for values, rows, dtype, n in ((floats, ring.floats, torch.float64, nf), (ints, ring.ints, torch.int64, ni)):
         if not n:
             continue
-        # one gather per kind on the caller's stream (cat promotes dtypes; the widening is exact)
-        src = torch.cat([t.reshape(1) for t in values.values()]).to(dtype)
+        # one gather per kind on the caller's stream (stack and cat promote dtypes; the widening is exact)
+        tensors = list(values.values())
+        try:
+            src = torch.stack(tensors).to(dtype)  # all 0-d: the common case
+        except RuntimeError:
+            src = torch.cat([t.reshape(1) for t in tensors]).to(dtype)  # some 1-element tensors
         keep.append(src)
         for start in range(0, n, WIDTH):
             m = min(WIDTH, n - start)

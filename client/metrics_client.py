@@ -244,7 +244,7 @@ class MetricsClient:
                 ):
                     values[k] = v  # the common case, without a call
                 else:
-                    key = wire.normal_key(k, self._warn)
+                    key = k if type(k) is str and 0 < len(k) <= _KEY_MAX else wire.normal_key(k, self._warn)
                     if key is None:
                         continue
                     if device.is_device_tensor(v) and wire.device_scalar(key, v, self._warn):

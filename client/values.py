@@ -116,7 +116,7 @@ def device_scalar(key: str, value: Any, warn: Warn) -> bool:
         if value.numel() != 1:
             warn(key, f"tensor of shape {tuple(value.shape)} is not a scalar")
             return False
-        if value.is_complex():
+        if value.dtype.is_complex:
             warn(key, "complex tensor is not a scalar wandb can chart")
             return False
     except Exception as exc:

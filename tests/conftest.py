@@ -225,10 +225,16 @@ def wandb_file(wandb_dir: Path, run_id: str) -> Path:
     return files[-1]
 
 
+def wandb_cli() -> str:
+    """wandb's command line: beside this Python (a venv), else on PATH (wheels installed with --target)."""
+    beside = Path(sys.executable).parent / "wandb"
+    return str(beside) if beside.exists() else (shutil.which("wandb") or str(beside))
+
+
 def wandb_records(path: Path) -> list[dict]:
     """Every record of a .wandb file, as wandb itself reads it back."""
     r = subprocess.run(
-        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(path)],
+        [wandb_cli(), "leet", "inspect", "--json", str(path)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -268,7 +274,7 @@ def all_history(wandb_dir: Path, run_id: str) -> tuple[dict[int, dict], int]:
 
 def wandb_summary(path: Path) -> dict:
     r = subprocess.run(
-        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json", str(path)],
+        [wandb_cli(), "leet", "inspect", "--summary", "--json", str(path)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
