@@ -67,6 +67,15 @@ class StepClock:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def snapshot(self) -> tuple:
+        """A cheap immutable copy (taken per frame by the uploader); ``restore`` undoes it."""
+        return (self.cur, self.open, self.top, tuple(self.fresh), tuple(self.seen))
+
+    @classmethod
+    def restore(cls, snap: tuple) -> "StepClock":
+        cur, open_, top, fresh, seen = snap
+        return cls(cur, open_, top, list(fresh), list(seen))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "StepClock":
         if not data:

@@ -98,8 +98,8 @@ class Uploader:
         self.draining = False
         self._parent = os.getppid()
         self._last_save = 0.0
-        # (monotonic time, offset, frames, wandb step, clock) of each frame handed to wandb, not yet trusted
-        self._handed: deque[tuple[float, int, int, int, dict]] = deque()
+        # (monotonic time, offset, frames, wandb step, clock snapshot) of each frame handed to wandb, not yet trusted
+        self._handed: deque[tuple[float, int, int, int, tuple]] = deque()
         self._handed_offset = self.state.offset
         self._drain_deadline: float | None = None
         self._txlog: TransactionLog | None = None
@@ -195,7 +195,7 @@ class Uploader:
                 step += offset
             self.state.uploaded += 1
             self.state.last_step = step
-            self._handed.append((time.monotonic(), end, self.state.uploaded, step, self._clock.to_dict()))
+            self._handed.append((time.monotonic(), end, self.state.uploaded, step, self._clock.snapshot()))
         elif isinstance(msg, (ConfigUpdate, SummaryUpdate)):
             if self.run is None and not self._init(meta):
                 return False
@@ -368,8 +368,11 @@ class Uploader:
         """
         if self._txlog is not None:
             written = self._txlog.last_step()
+            trusted = None
             while self._handed and written is not None and self._handed[0][3] <= written:
-                _, self.state.offset, self.state.trusted, _, self.state.clock = self._handed.popleft()
+                _, self.state.offset, self.state.trusted, _, trusted = self._handed.popleft()
+            if trusted is not None:
+                self.state.clock = StepClock.restore(trusted).to_dict()
         if not self._handed and self.run is None:
             self.state.offset = self._handed_offset  # only records with nothing for wandb
             self.state.clock = self._clock.to_dict()
