@@ -258,6 +258,8 @@ class Receiver:
         """Refuse exactly one frame of a known session, so its stream goes on: its seq is
         used up by a ``refused`` record in the spool. False if the frame cannot be
         attributed (no sound session and seq), for ``_reject``."""
+        if exc.reason == "version":
+            return False  # fatal for the client, not one frame
         peek = protocol.peek_seq(raw)
         sess = self.sessions.get(peek[0]) if peek else None
         if sess is None or peek is None:
