@@ -43,6 +43,23 @@ What wandb 0.31 sends (observed):
   ``wandb-summary.json`` ...) followed by ``PUT`` to those URLs, and a final
   ``file_stream`` POST with ``"complete": true, "exitcode": 0``.
 
+Resume (wandb-core 0.31, ``core/internal/runbranch``):
+
+* ``wandb.init(id=..., resume="allow"|"must")`` first sends ``RunResumeStatus``.
+  The fake answers it from its own record of the run (``bucket`` is None for
+  a run it never saw): ``historyLineCount``/``eventsLineCount``/
+  ``logLineCount`` (the highest line offset + 1 it holds for
+  ``wandb-history.jsonl``/``wandb-events.jsonl``/``output.log``),
+  ``historyTail``/``eventsTail`` (a JSON string of a list of the last raw
+  lines, each a JSON string), ``summaryMetrics`` (the last
+  ``wandb-summary.json`` it got), ``config`` (the last UpsertBucket config),
+  ``wandbConfig(keys: ["t"])`` (``{"t": ...}`` from that config's ``_wandb``:
+  without a "t" wandb-core treats the run as not started and does not
+  resume), ``tags``, ``notes``.  wandb-core then starts file_stream at those
+  line counts and the run at the last history line's ``_step`` + 1
+  (``run.starting_step``), so the resumed lines append after the old ones.
+  ``UpsertBucket`` answers the run's ``historyLineCount`` too.
+
 Run standalone::
 
     python tests/fakewandb.py --mode 401
@@ -65,6 +82,14 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 MODES = ("ok", "hang", "401", "500", "stall_after_init")
+
+HISTORY_FILE = "wandb-history.jsonl"
+EVENTS_FILE = "wandb-events.jsonl"
+OUTPUT_FILE = "output.log"
+SUMMARY_FILE = "wandb-summary.json"
+# How many trailing lines RunResumeStatus returns in historyTail/eventsTail
+# (wandb-core only reads the last one).
+TAIL_LINES = 10
 
 DUMMY_API_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 chars
 
@@ -177,7 +202,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Telemetry proxy: 404 tells wandb the server has none -> disabled.
             self._send(404, {"error": "not found"})
         elif path.rstrip("/") == "/graphql" or path.endswith("/graphql"):
-            self._send(200, fake._graphql(body))
+            answer = fake._graphql(body)
+            status, payload = answer if isinstance(answer, tuple) else (200, answer)
+            self._send(status, payload)
         elif is_file_stream:
             self._send(200, fake._file_stream(path, body))
         elif path.startswith("/storage/"):
@@ -226,6 +253,9 @@ class FakeWandb:
         self._requests: list[dict[str, Any]] = []
         # run_id -> {line_number: row}
         self._history: dict[str, dict[int, dict]] = {}
+        # run_id -> file name -> {line_number: raw line}, every file_stream file
+        # (wandb-history.jsonl, wandb-events.jsonl, output.log, ...)
+        self._lines: dict[str, dict[str, dict[int, str]]] = {}
         self._summary: dict[str, dict] = {}
         self._file_stream_posts: list[dict[str, Any]] = []
         self._exitcodes: dict[str, int | None] = {}
@@ -418,10 +448,58 @@ class FakeWandb:
         with self._lock:
             return dict(self._uploads)
 
+    def add_run(self, run_id: str, rows: Any = (), *, entity: str | None = None,
+                project: str | None = None, config: dict | None = None,
+                summary: dict | None = None, exitcode: int | None = 0) -> None:
+        """Put a run on the server as if a wandb process had logged it.
+
+        So a test can resume a run without running a first wandb
+        process.  ``rows`` become history lines 0.. (``_step`` defaults to the
+        line number), ``config`` is the user config (wandb's telemetry key is
+        added so that wandb-core treats the run as started), ``summary``
+        defaults to the rows merged (the last value of each key), and
+        ``exitcode`` None leaves the run without a final file_stream (as a
+        crashed uploader would).  With ``entity``/``project`` given, resuming
+        the run from another entity/project does not find it.  Replaces any
+        record of ``run_id``.
+        """
+        history: dict[int, dict] = {}
+        raw: dict[int, str] = {}
+        for i, row in enumerate(rows):
+            row = dict(row)
+            row.setdefault("_step", i)
+            history[i] = row
+            raw[i] = json.dumps(row)
+        if summary is None:
+            summary = {}
+            for row in history.values():
+                summary.update(row)
+        cfg: dict[str, Any] = {k: {"value": val} for k, val in (config or {}).items()}
+        cfg["_wandb"] = {"value": {"t": {}}}
+        run: dict[str, Any] = {"upserts": 0, "name": run_id, "config": json.dumps(cfg)}
+        if entity is not None:
+            run["entity"] = entity
+        if project is not None:
+            run["project"] = project
+        with self._lock:
+            self._runs[run_id] = run
+            self._history[run_id] = history
+            self._lines[run_id] = {HISTORY_FILE: raw}
+            self._summary[run_id] = dict(summary)
+            self._exitcodes.pop(run_id, None)
+            if exitcode is not None:
+                self._exitcodes[run_id] = exitcode
+
+    def line_counts(self, run_id: str) -> dict[str, int]:
+        """Lines the server holds per file_stream file (what a resume continues after)."""
+        with self._lock:
+            return {name: self._count(run_id, name) for name in self._lines.get(run_id, {})}
+
     def clear(self) -> None:
         with self._lock:
             self._requests.clear()
             self._history.clear()
+            self._lines.clear()
             self._summary.clear()
             self._file_stream_posts.clear()
             self._exitcodes.clear()
@@ -436,6 +514,72 @@ class FakeWandb:
             time.sleep(interval)
         return bool(predicate())
 
+    # --- runs as the server knows them --------------------------------------
+    # (all of these expect self._lock to be held)
+
+    def _count(self, run_id: str, name: str) -> int:
+        """Lines of a file_stream file: its highest line offset + 1."""
+        lines = self._lines.get(run_id, {}).get(name) or {}
+        return max(lines) + 1 if lines else 0
+
+    def _tail(self, run_id: str, name: str) -> str:
+        """The last lines of a file, as the JSON string of a list of strings."""
+        lines = self._lines.get(run_id, {}).get(name) or {}
+        return json.dumps([lines[i] for i in sorted(lines)[-TAIL_LINES:]])
+
+    def _run_fields(self, name: str, entity: str | None, project: str | None) -> dict:
+        """The run fields UpsertBucket and RewindRun answer with."""
+        run = self._runs.get(name) or {}
+        entity = run.get("entity") or entity or "fake-entity"
+        project = run.get("project") or project or "uncategorized"
+        return {
+            "id": f"run:{entity}/{project}/{name}", "name": name,
+            "displayName": run.get("displayName") or name,
+            "description": run.get("description"),
+            "config": run.get("config") or "{}",
+            "sweepName": run.get("sweep"),
+            "project": {"id": f"project:{entity}/{project}", "name": project,
+                        "entity": {"id": f"entity:{entity}", "name": entity}},
+            "historyLineCount": self._count(name, HISTORY_FILE),
+        }
+
+    def _resume_bucket(self, name: str, entity: str, project: str) -> dict | None:
+        """RunResumeStatus's ``bucket``: None for a run this server never saw.
+
+        wandb-core resumes only when ``wandbConfig(keys: ["t"])`` has a "t"
+        (the run has started: its config carries wandb's telemetry); it then
+        takes the file_stream offsets from the three line counts (each must be
+        non-null), the starting step from the last ``historyTail`` line's
+        ``_step`` (+ 1 when historyLineCount > 0), the summary from
+        ``summaryMetrics`` and merges ``config`` (values as {"value": v}).
+        """
+        run = self._runs.get(name)
+        if run is None and name not in self._lines:
+            return None
+        run = run or {}
+        if run.get("project") not in (None, project) or run.get("entity") not in (None, entity):
+            return None
+        config = run.get("config") or "{}"
+        try:
+            wandb_cfg = (json.loads(config).get("_wandb") or {}).get("value") or {}
+        except Exception:
+            wandb_cfg = {}
+        bucket = self._run_fields(name, entity, project)
+        return {
+            "id": bucket["id"], "name": name,
+            "summaryMetrics": json.dumps(self._summary.get(name) or {}),
+            "displayName": bucket["displayName"],
+            "logLineCount": self._count(name, OUTPUT_FILE),
+            "historyLineCount": self._count(name, HISTORY_FILE),
+            "eventsLineCount": self._count(name, EVENTS_FILE),
+            "historyTail": self._tail(name, HISTORY_FILE),
+            "eventsTail": self._tail(name, EVENTS_FILE),
+            "config": config,
+            "tags": list(run.get("tags") or []),
+            "notes": run.get("notes"),
+            "wandbConfig": json.dumps({k: wandb_cfg[k] for k in ("t",) if k in wandb_cfg}),
+        }
+
     # --- protocol -----------------------------------------------------------
 
     def _file_stream(self, path: str, body: bytes) -> dict:
@@ -449,16 +593,23 @@ class FakeWandb:
         files = data.get("files") or {}
         with self._lock:
             self._file_stream_posts.append({"run": run_id, "payload": data})
-            hist = files.get("wandb-history.jsonl")
-            if hist:
-                offset = int(hist.get("offset") or 0)
-                lines = self._history.setdefault(run_id, {})
-                for i, line in enumerate(hist.get("content") or []):
-                    try:
-                        lines[offset + i] = json.loads(line)
-                    except Exception:
-                        lines[offset + i] = {"_unparsed": line}
-            summ = files.get("wandb-summary.json")
+            for name, chunk in files.items():
+                if name == SUMMARY_FILE or not isinstance(chunk, dict):
+                    continue
+                # A line's offset is its line number in the file: a resent
+                # offset replaces that line, a resumed client appends after
+                # the line counts RunResumeStatus reported.
+                offset = int(chunk.get("offset") or 0)
+                raw = self._lines.setdefault(run_id, {}).setdefault(name, {})
+                for i, line in enumerate(chunk.get("content") or []):
+                    raw[offset + i] = line
+                    if name == HISTORY_FILE:
+                        try:
+                            row = json.loads(line)
+                        except Exception:
+                            row = {"_unparsed": line}
+                        self._history.setdefault(run_id, {})[offset + i] = row
+            summ = files.get(SUMMARY_FILE)
             if summ and summ.get("content"):
                 try:
                     self._summary[run_id] = json.loads(summ["content"][-1])
@@ -492,31 +643,24 @@ class FakeWandb:
             return {"data": {"serverInfo": {"features": []}}}
         if op == "UpsertBucket":
             name = v.get("name") or v.get("id") or "run"
-            project = v.get("project") or "uncategorized"
-            entity = v.get("entity") or "fake-entity"
             with self._lock:
+                inserted = name not in self._runs
                 run = self._runs.setdefault(name, {"upserts": 0})
                 run.update({k: val for k, val in v.items() if val is not None})
                 run["upserts"] += 1
-                config = run.get("config") or "{}"
-                inserted = run["upserts"] == 1
-            return {"data": {"upsertBucket": {
-                "bucket": {
-                    "id": f"run:{entity}/{project}/{name}", "name": name,
-                    "displayName": v.get("displayName") or name,
-                    "description": v.get("description"), "config": config,
-                    "sweepName": v.get("sweep"),
-                    "project": {"id": f"project:{entity}/{project}", "name": project,
-                                "entity": {"id": f"entity:{entity}", "name": entity}},
-                    "historyLineCount": 0,
-                },
-                "inserted": inserted,
-            }}}
+                bucket = self._run_fields(name, v.get("entity"), v.get("project"))
+            bucket["description"] = v.get("description")
+            bucket["displayName"] = v.get("displayName") or bucket["displayName"]
+            return {"data": {"upsertBucket": {"bucket": bucket, "inserted": inserted}}}
         if op == "RunResumeStatus":
+            entity = v.get("entity") or "fake-entity"
+            project = v.get("project") or "uncategorized"
+            with self._lock:
+                bucket = self._resume_bucket(v.get("name") or "", entity, project)
             return {"data": {"model": {
-                "id": "project:1", "name": v.get("project") or "uncategorized",
-                "entity": {"id": "entity:1", "name": v.get("entity") or "fake-entity"},
-                "bucket": None,
+                "id": f"project:{entity}/{project}", "name": project,
+                "entity": {"id": f"entity:{entity}", "name": entity},
+                "bucket": bucket,
             }}}
         if op == "CreateRunFiles":
             entity, project, run = v.get("entity"), v.get("project"), v.get("run")
