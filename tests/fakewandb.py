@@ -43,7 +43,7 @@ What wandb 0.31 sends (observed):
   ``wandb-summary.json`` ...) followed by ``PUT`` to those URLs, and a final
   ``file_stream`` POST with ``"complete": true, "exitcode": 0``.
 
-Resume (wandb-core 0.31, ``core/internal/runbranch``):
+Resume and rewind (wandb-core 0.31, ``core/internal/runbranch``):
 
 * ``wandb.init(id=..., resume="allow"|"must")`` first sends ``RunResumeStatus``.
   The fake answers it from its own record of the run (``bucket`` is None for
@@ -59,6 +59,17 @@ Resume (wandb-core 0.31, ``core/internal/runbranch``):
   line counts and the run at the last history line's ``_step`` + 1
   (``run.starting_step``), so the resumed lines append after the old ones.
   ``UpsertBucket`` answers the run's ``historyLineCount`` too.
+* ``wandb.init(resume_from="<id>?_step=N")`` sends the ``RewindRun``
+  mutation.  By default the fake answers as a server without the rewind
+  feature (self-managed W&B) does: a GraphQL validation error, HTTP 200 (see
+  ``rewind_refusal_status``), ``{"errors": [{"message": "Cannot query field
+  \"rewindRun\" on type \"Mutation\".", "locations": [...]}]}``; wandb.init
+  then raises ``wandb.errors.CommError('failed to rewind run: input:3:2:
+  Cannot query field "rewindRun" on type "Mutation".\n')``.  With
+  ``FakeWandb(rewind=True)`` it rewinds: history is cut to the lines up to
+  the last one with ``_step <= N``, the summary is recomputed from them, and
+  the answer's ``rewoundRun.historyLineCount`` makes the client append after
+  them, starting at step N + 1.
 
 Run standalone::
 
@@ -239,11 +250,19 @@ class FakeWandb:
     """Local fake W&B backend.  See the module docstring."""
 
     def __init__(self, mode: str = "ok", *, host: str = "127.0.0.1", port: int = 0,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, rewind: bool = False,
+                 rewind_refusal_status: int = 200) -> None:
         self._cond = threading.Condition()
         self._mode = "ok"
         self.mode = mode
         self.verbose = verbose
+        # False: refuse RewindRun like a server without the rewind feature
+        # (self-managed W&B).  True: rewind like W&B cloud.  Switchable at runtime.
+        self.rewind = rewind
+        # HTTP status of that refusal: 200 is what a GraphQL server (W&B's
+        # self-managed one included) answers to a validation error; 400 lets a
+        # test see how wandb reports a refusal that comes as an HTTP error.
+        self.rewind_refusal_status = rewind_refusal_status
         self._host = host
         self._port = port
         self._server: _Server | None = None
@@ -453,7 +472,7 @@ class FakeWandb:
                 summary: dict | None = None, exitcode: int | None = 0) -> None:
         """Put a run on the server as if a wandb process had logged it.
 
-        So a test can resume a run without running a first wandb
+        So a test can resume (or rewind) a run without running a first wandb
         process.  ``rows`` become history lines 0.. (``_step`` defaults to the
         line number), ``config`` is the user config (wandb's telemetry key is
         added so that wandb-core treats the run as started), ``summary``
@@ -580,6 +599,40 @@ class FakeWandb:
             "wandbConfig": json.dumps({k: wandb_cfg[k] for k in ("t",) if k in wandb_cfg}),
         }
 
+    def _rewind_run(self, v: dict) -> dict | tuple[int, dict]:
+        """RewindRun on a server with rewind: keep history up to the rewind point.
+
+        The history becomes the lines up to the last one whose metric is <=
+        the value (renumbered from 0), the summary is recomputed from them, and
+        the answer carries the new historyLineCount, which wandb-core uses as
+        the history file_stream offset.
+        """
+        name = v.get("runName") or ""
+        metric = v.get("metricName") or "_step"
+        value = v.get("metricValue")
+        with self._lock:
+            if name not in self._runs and name not in self._lines:
+                return 404, {"errors": [{"message": "run not found", "path": ["rewindRun"]}],
+                             "data": {"rewindRun": None}}
+            raw = self._lines.get(name, {}).get(HISTORY_FILE) or {}
+            rows = self._history.get(name, {})
+            order = sorted(raw)
+            keep = 0
+            for n, i in enumerate(order):
+                got = rows.get(i, {}).get(metric)
+                if isinstance(got, (int, float)) and value is not None and got <= value:
+                    keep = n + 1
+            kept = order[:keep]
+            self._lines.setdefault(name, {})[HISTORY_FILE] = {
+                n: raw[i] for n, i in enumerate(kept)}
+            self._history[name] = {n: rows[i] for n, i in enumerate(kept) if i in rows}
+            summary: dict = {}
+            for n in range(len(kept)):
+                summary.update(self._history[name].get(n, {}))
+            self._summary[name] = summary
+            bucket = self._run_fields(name, v.get("entity"), v.get("project"))
+        return {"data": {"rewindRun": {"rewoundRun": bucket}}}
+
     # --- protocol -----------------------------------------------------------
 
     def _file_stream(self, path: str, body: bytes) -> dict:
@@ -662,6 +715,10 @@ class FakeWandb:
                 "entity": {"id": f"entity:{entity}", "name": entity},
                 "bucket": bucket,
             }}}
+        if op == "RewindRun" or "rewindRun" in q:
+            if not self.rewind:
+                return self.rewind_refusal_status, _unknown_field_error(q, "rewindRun", "Mutation")
+            return self._rewind_run(v)
         if op == "CreateRunFiles":
             entity, project, run = v.get("entity"), v.get("project"), v.get("run")
             base = self.url
@@ -683,13 +740,38 @@ class FakeWandb:
         return {"data": {}}
 
 
+def _unknown_field_error(query: str, field: str, type_name: str) -> dict:
+    """What a GraphQL server answers to a query for a field its schema lacks.
+
+    A validation error: HTTP 200, an ``errors`` list and no ``data`` (the
+    GraphQL spec).  W&B's self-managed server answers an unknown field this
+    way: in wandb/wandb#10124 (wandb/local in docker) ``wandb.Api().runs()``
+    raised ``Exception: {'message': 'Cannot query field "internalId" on type
+    "Project".', 'locations': [{'line': 3, 'column': 5}]}``, which wandb's
+    Python GraphQL client raised from the ``errors`` of a 2xx answer only (it
+    called ``raise_for_status()`` first).  Its resolver errors, by contrast,
+    come with 4xx/5xx (wandb/wandb#10438: ``returned error 400:
+    {"data":{"rewindRun":null},"errors":[{"message":"cannot rewind a run that
+    is not in a terminal state","path":["rewindRun"]}]}``).
+    """
+    idx = max(query.find(field), 0)
+    line = query.count("\n", 0, idx) + 1
+    column = idx - (query.rfind("\n", 0, idx) + 1) + 1
+    return {"errors": [{
+        "message": f'Cannot query field "{field}" on type "{type_name}".',
+        "locations": [{"line": line, "column": column}],
+    }]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run a fake W&B backend on 127.0.0.1.")
     p.add_argument("--mode", default="ok", choices=MODES)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
+    p.add_argument("--rewind", action="store_true",
+                   help="implement RewindRun (default: refuse it like self-managed W&B)")
     args = p.parse_args(argv)
-    srv = FakeWandb(args.mode, port=args.port, verbose=args.verbose).start()
+    srv = FakeWandb(args.mode, port=args.port, verbose=args.verbose, rewind=args.rewind).start()
     print(srv.url, flush=True)
     print(f"# export WANDB_MODE=online WANDB_BASE_URL={srv.url} WANDB_API_KEY={DUMMY_API_KEY}",
           file=sys.stderr, flush=True)

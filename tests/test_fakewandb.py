@@ -300,6 +300,55 @@ def test_resume_must_of_an_unknown_run_fails(server, tmp_path):
     assert server.history_rows(RUN_ID) == []
 
 
+# --- rewind: resume_from=<id>?_step=N ----------------------------------------
+
+# What wandb 0.31 raises from wandb.init when the server has no rewindRun
+# mutation (the uploader classifies it): the fake's default answer (HTTP 200,
+# a GraphQL validation error) and the same error sent with HTTP 400.
+REWIND_REFUSED = {
+    200: 'failed to rewind run: input:3:2: Cannot query field "rewindRun" on type "Mutation".\n',
+    400: 'failed to rewind run: returned error 400: {"data":null,"errors":[{"message":'
+         '"Cannot query field \\"rewindRun\\" on type \\"Mutation\\".",'
+         '"locations":[{"line":3,"column":2}]}]}',
+}
+
+
+@pytest.mark.parametrize("status", [200, 400])
+def test_resume_from_is_refused_and_init_raises(tmp_path, status):
+    srv = FakeWandb(rewind_refusal_status=status).start()
+    try:
+        srv.add_run(RUN_ID, [{"x": i} for i in range(10)], entity=ENTITY, project=PROJECT)
+        res = run_wandb(srv, tmp_path, init_timeout=15,
+                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"})
+        assert res["init"] == "error", _fmt(res)
+        assert (res["exc_module"], res["exc_type"]) == ("wandb.errors.errors", "CommError")
+        assert res["exc"] == REWIND_REFUSED[status], _fmt(res)
+        # Refused before the run was touched: no upsert, no file_stream, history intact.
+        ops = srv.graphql_operations()
+        assert ops.count("RewindRun") == 1 and "UpsertBucket" not in ops, ops
+        assert not any(p.endswith("/file_stream") for _, p in srv.requests())
+        assert _steps_and_x(srv.history_rows(RUN_ID)) == [(i, i) for i in range(10)]
+    finally:
+        srv.stop()
+
+
+def test_resume_from_rewinds_when_the_server_supports_it(tmp_path):
+    srv = FakeWandb(rewind=True).start()
+    try:
+        srv.add_run(RUN_ID, [{"x": i} for i in range(10)], entity=ENTITY, project=PROJECT)
+        res = run_wandb(srv, tmp_path, init_timeout=15, finish_timeout=15,
+                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"},
+                        rows=[{"x": 100 + i} for i in range(6, 9)])
+        assert res["init"] == "ok" and res["finish"] == "ok", _fmt(res)
+        assert res["run_id"] == RUN_ID and res["starting_step"] == 6, _fmt(res)
+        # Steps 6..9 of the first attempt are gone; the new ones follow step 5.
+        assert _steps_and_x(srv.history_rows(RUN_ID)) == \
+            [(i, i) for i in range(6)] + [(i, 100 + i) for i in range(6, 9)]
+        assert srv.summary(RUN_ID)["x"] == 108
+    finally:
+        srv.stop()
+
+
 # --- the server alone (no wandb) ---------------------------------------------
 
 
