@@ -69,7 +69,8 @@ Resume and rewind (wandb-core 0.31, ``core/internal/runbranch``):
   ``FakeWandb(rewind=True)`` it rewinds: history is cut to the lines up to
   the last one with ``_step <= N``, the summary is recomputed from them, and
   the answer's ``rewoundRun.historyLineCount`` makes the client append after
-  them, starting at step N + 1.
+  them, starting at step N + 1.  Like W&B cloud it refuses to rewind a run
+  that is not in a terminal state (HTTP 400, see ``crash_run``).
 
 Run standalone::
 
@@ -509,6 +510,15 @@ class FakeWandb:
             if exitcode is not None:
                 self._exitcodes[run_id] = exitcode
 
+    def crash_run(self, run_id: str) -> None:
+        """Mark a run crashed, as the server does once its heartbeats stop.
+
+        The run becomes terminal (``completed()`` is True, ``exitcode()``
+        None), so that ``rewind=True`` rewinds it.
+        """
+        with self._lock:
+            self._exitcodes[run_id] = None
+
     def line_counts(self, run_id: str) -> dict[str, int]:
         """Lines the server holds per file_stream file (what a resume continues after)."""
         with self._lock:
@@ -602,6 +612,9 @@ class FakeWandb:
     def _rewind_run(self, v: dict) -> dict | tuple[int, dict]:
         """RewindRun on a server with rewind: keep history up to the rewind point.
 
+        Only a run in a terminal state can be rewound: one that has had its
+        final file_stream post (``completed()``), was put there by
+        ``add_run`` with an exit code, or was marked by ``crash_run``.
         The history becomes the lines up to the last one whose metric is <=
         the value (renumbered from 0), the summary is recomputed from them, and
         the answer carries the new historyLineCount, which wandb-core uses as
@@ -614,6 +627,11 @@ class FakeWandb:
             if name not in self._runs and name not in self._lines:
                 return 404, {"errors": [{"message": "run not found", "path": ["rewindRun"]}],
                              "data": {"rewindRun": None}}
+            if name not in self._exitcodes:
+                # W&B cloud's answer for a run still running (wandb/wandb#10438).
+                return 400, {"data": {"rewindRun": None}, "errors": [{
+                    "message": "cannot rewind a run that is not in a terminal state",
+                    "path": ["rewindRun"]}]}
             raw = self._lines.get(name, {}).get(HISTORY_FILE) or {}
             rows = self._history.get(name, {})
             order = sorted(raw)

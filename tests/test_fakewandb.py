@@ -349,6 +349,29 @@ def test_resume_from_rewinds_when_the_server_supports_it(tmp_path):
         srv.stop()
 
 
+def test_resume_from_of_a_running_run_is_refused_even_with_rewind(tmp_path):
+    srv = FakeWandb(rewind=True).start()
+    try:
+        # exitcode=None: no final file_stream post, the run is still running.
+        srv.add_run(RUN_ID, [{"x": i} for i in range(10)], exitcode=None)
+        res = run_wandb(srv, tmp_path / "running", init_timeout=15,
+                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"})
+        assert res["init"] == "error" and res["exc_type"] == "CommError", _fmt(res)
+        assert res["exc"] == (
+            'failed to rewind run: returned error 400: {"data":{"rewindRun":null},"errors":'
+            '[{"message":"cannot rewind a run that is not in a terminal state","path":["rewindRun"]}]}'
+        ), _fmt(res)
+        assert len(srv.history_rows(RUN_ID)) == 10
+
+        srv.crash_run(RUN_ID)  # now it is terminal
+        res = run_wandb(srv, tmp_path / "crashed", init_timeout=15, finish_timeout=15,
+                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"}, rows=[{"x": 60}])
+        assert res["init"] == "ok" and res["starting_step"] == 6, _fmt(res)
+        assert _steps_and_x(srv.history_rows(RUN_ID)) == [(i, i) for i in range(6)] + [(6, 60)]
+    finally:
+        srv.stop()
+
+
 # --- the server alone (no wandb) ---------------------------------------------
 
 
@@ -437,6 +460,25 @@ def test_run_resume_status_answers_from_the_runs_record(server):
                       {"project": "another-project", "entity": ENTITY, "name": RUN_ID}):
         status, body = _graphql_post(server.url, dict(RESUME_STATUS, variables=variables))
         assert status == 200 and body["data"]["model"]["bucket"] is None
+
+
+def test_line_counts_follow_every_file_stream_file(server):
+    def post(files: dict) -> None:
+        req = urllib.request.Request(
+            f"{server.url}/files/{ENTITY}/{PROJECT}/{RUN_ID}/file_stream",
+            data=json.dumps({"files": files}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+
+    post({"wandb-history.jsonl": {"offset": 0, "content": ['{"_step": 0}', '{"_step": 1}']},
+          "wandb-events.jsonl": {"offset": 0, "content": ['{"_runtime": 3}']},
+          "output.log": {"offset": 0, "content": ["a", "b", "c"]}})
+    post({"wandb-history.jsonl": {"offset": 2, "content": ['{"_step": 2}']},
+          "output.log": {"offset": 2, "content": ["c2"]}})  # a resent line replaces it
+    assert server.line_counts(RUN_ID) == {
+        "wandb-history.jsonl": 3, "wandb-events.jsonl": 1, "output.log": 3}
+    server.add_run("other", [])  # line_counts of a run without files: none
+    assert server.line_counts("other") == {"wandb-history.jsonl": 0}
 
 
 def test_invalid_mode_rejected():
