@@ -459,7 +459,7 @@ class FakeWandb:
                     if run_id is None or p["run"] == run_id]
 
     def runs(self) -> dict[str, dict[str, Any]]:
-        """Runs created/updated via UpsertBucket, keyed by run id."""
+        """Runs created/updated via UpsertBucket (or add_run), keyed by run id."""
         with self._lock:
             return {k: dict(v) for k, v in self._runs.items()}
 
@@ -478,8 +478,9 @@ class FakeWandb:
         line number), ``config`` is the user config (wandb's telemetry key is
         added so that wandb-core treats the run as started), ``summary``
         defaults to the rows merged (the last value of each key), and
-        ``exitcode`` None leaves the run without a final file_stream (as a
-        crashed uploader would).  With ``entity``/``project`` given, resuming
+        ``exitcode`` None leaves the run without a final file_stream: still
+        running for the server, as when its uploader died a moment ago (see
+        ``crash_run``).  With ``entity``/``project`` given, resuming
         the run from another entity/project does not find it.  Replaces any
         record of ``run_id``.
         """
