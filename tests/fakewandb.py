@@ -43,6 +43,35 @@ What wandb 0.31 sends (observed):
   ``wandb-summary.json`` ...) followed by ``PUT`` to those URLs, and a final
   ``file_stream`` POST with ``"complete": true, "exitcode": 0``.
 
+Resume and rewind (wandb-core 0.31, ``core/internal/runbranch``):
+
+* ``wandb.init(id=..., resume="allow"|"must")`` first sends ``RunResumeStatus``.
+  The fake answers it from its own record of the run (``bucket`` is None for
+  a run it never saw): ``historyLineCount``/``eventsLineCount``/
+  ``logLineCount`` (the highest line offset + 1 it holds for
+  ``wandb-history.jsonl``/``wandb-events.jsonl``/``output.log``),
+  ``historyTail``/``eventsTail`` (a JSON string of a list of the last raw
+  lines, each a JSON string), ``summaryMetrics`` (the last
+  ``wandb-summary.json`` it got), ``config`` (the last UpsertBucket config),
+  ``wandbConfig(keys: ["t"])`` (``{"t": ...}`` from that config's ``_wandb``:
+  without a "t" wandb-core treats the run as not started and does not
+  resume), ``tags``, ``notes``.  wandb-core then starts file_stream at those
+  line counts and the run at the last history line's ``_step`` + 1
+  (``run.starting_step``), so the resumed lines append after the old ones.
+  ``UpsertBucket`` answers the run's ``historyLineCount`` too.
+* ``wandb.init(resume_from="<id>?_step=N")`` sends the ``RewindRun``
+  mutation.  By default the fake answers as a server without the rewind
+  feature (self-managed W&B) does: a GraphQL validation error, HTTP 200 (see
+  ``rewind_refusal_status``), ``{"errors": [{"message": "Cannot query field
+  \"rewindRun\" on type \"Mutation\".", "locations": [...]}]}``; wandb.init
+  then raises ``wandb.errors.CommError('failed to rewind run: input:3:2:
+  Cannot query field "rewindRun" on type "Mutation".\n')``.  With
+  ``FakeWandb(rewind=True)`` it rewinds: history is cut to the lines up to
+  the last one with ``_step <= N``, the summary is recomputed from them, and
+  the answer's ``rewoundRun.historyLineCount`` makes the client append after
+  them, starting at step N + 1.  Like W&B cloud it refuses to rewind a run
+  that is not in a terminal state (HTTP 400, see ``crash_run``).
+
 Run standalone::
 
     python tests/fakewandb.py --mode 401
@@ -65,6 +94,14 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 MODES = ("ok", "hang", "401", "500", "stall_after_init")
+
+HISTORY_FILE = "wandb-history.jsonl"
+EVENTS_FILE = "wandb-events.jsonl"
+OUTPUT_FILE = "output.log"
+SUMMARY_FILE = "wandb-summary.json"
+# How many trailing lines RunResumeStatus returns in historyTail/eventsTail
+# (wandb-core only reads the last one).
+TAIL_LINES = 10
 
 DUMMY_API_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 chars
 
@@ -177,7 +214,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Telemetry proxy: 404 tells wandb the server has none -> disabled.
             self._send(404, {"error": "not found"})
         elif path.rstrip("/") == "/graphql" or path.endswith("/graphql"):
-            self._send(200, fake._graphql(body))
+            answer = fake._graphql(body)
+            status, payload = answer if isinstance(answer, tuple) else (200, answer)
+            self._send(status, payload)
         elif is_file_stream:
             self._send(200, fake._file_stream(path, body))
         elif path.startswith("/storage/"):
@@ -212,11 +251,19 @@ class FakeWandb:
     """Local fake W&B backend.  See the module docstring."""
 
     def __init__(self, mode: str = "ok", *, host: str = "127.0.0.1", port: int = 0,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, rewind: bool = False,
+                 rewind_refusal_status: int = 200) -> None:
         self._cond = threading.Condition()
         self._mode = "ok"
         self.mode = mode
         self.verbose = verbose
+        # False: refuse RewindRun like a server without the rewind feature
+        # (self-managed W&B).  True: rewind like W&B cloud.  Switchable at runtime.
+        self.rewind = rewind
+        # HTTP status of that refusal: 200 is what a GraphQL server (W&B's
+        # self-managed one included) answers to a validation error; 400 lets a
+        # test see how wandb reports a refusal that comes as an HTTP error.
+        self.rewind_refusal_status = rewind_refusal_status
         self._host = host
         self._port = port
         self._server: _Server | None = None
@@ -226,6 +273,9 @@ class FakeWandb:
         self._requests: list[dict[str, Any]] = []
         # run_id -> {line_number: row}
         self._history: dict[str, dict[int, dict]] = {}
+        # run_id -> file name -> {line_number: raw line}, every file_stream file
+        # (wandb-history.jsonl, wandb-events.jsonl, output.log, ...)
+        self._lines: dict[str, dict[str, dict[int, str]]] = {}
         self._summary: dict[str, dict] = {}
         self._file_stream_posts: list[dict[str, Any]] = []
         self._exitcodes: dict[str, int | None] = {}
@@ -409,7 +459,7 @@ class FakeWandb:
                     if run_id is None or p["run"] == run_id]
 
     def runs(self) -> dict[str, dict[str, Any]]:
-        """Runs created/updated via UpsertBucket, keyed by run id."""
+        """Runs created/updated via UpsertBucket (or add_run), keyed by run id."""
         with self._lock:
             return {k: dict(v) for k, v in self._runs.items()}
 
@@ -418,10 +468,68 @@ class FakeWandb:
         with self._lock:
             return dict(self._uploads)
 
+    def add_run(self, run_id: str, rows: Any = (), *, entity: str | None = None,
+                project: str | None = None, config: dict | None = None,
+                summary: dict | None = None, exitcode: int | None = 0) -> None:
+        """Put a run on the server as if a wandb process had logged it.
+
+        So a test can resume (or rewind) a run without running a first wandb
+        process.  ``rows`` become history lines 0.. (``_step`` defaults to the
+        line number), ``config`` is the user config (wandb's telemetry key is
+        added so that wandb-core treats the run as started), ``summary``
+        defaults to the rows merged (the last value of each key), and
+        ``exitcode`` None leaves the run without a final file_stream: still
+        running for the server, as when its uploader died a moment ago (see
+        ``crash_run``).  With ``entity``/``project`` given, resuming
+        the run from another entity/project does not find it.  Replaces any
+        record of ``run_id``.
+        """
+        history: dict[int, dict] = {}
+        raw: dict[int, str] = {}
+        for i, row in enumerate(rows):
+            row = dict(row)
+            row.setdefault("_step", i)
+            history[i] = row
+            raw[i] = json.dumps(row)
+        if summary is None:
+            summary = {}
+            for row in history.values():
+                summary.update(row)
+        cfg: dict[str, Any] = {k: {"value": val} for k, val in (config or {}).items()}
+        cfg["_wandb"] = {"value": {"t": {}}}
+        run: dict[str, Any] = {"upserts": 0, "name": run_id, "config": json.dumps(cfg)}
+        if entity is not None:
+            run["entity"] = entity
+        if project is not None:
+            run["project"] = project
+        with self._lock:
+            self._runs[run_id] = run
+            self._history[run_id] = history
+            self._lines[run_id] = {HISTORY_FILE: raw}
+            self._summary[run_id] = dict(summary)
+            self._exitcodes.pop(run_id, None)
+            if exitcode is not None:
+                self._exitcodes[run_id] = exitcode
+
+    def crash_run(self, run_id: str) -> None:
+        """Mark a run crashed, as the server does once its heartbeats stop.
+
+        The run becomes terminal (``completed()`` is True, ``exitcode()``
+        None), so that ``rewind=True`` rewinds it.
+        """
+        with self._lock:
+            self._exitcodes[run_id] = None
+
+    def line_counts(self, run_id: str) -> dict[str, int]:
+        """Lines the server holds per file_stream file (what a resume continues after)."""
+        with self._lock:
+            return {name: self._count(run_id, name) for name in self._lines.get(run_id, {})}
+
     def clear(self) -> None:
         with self._lock:
             self._requests.clear()
             self._history.clear()
+            self._lines.clear()
             self._summary.clear()
             self._file_stream_posts.clear()
             self._exitcodes.clear()
@@ -436,6 +544,114 @@ class FakeWandb:
             time.sleep(interval)
         return bool(predicate())
 
+    # --- runs as the server knows them --------------------------------------
+    # (all of these expect self._lock to be held)
+
+    def _count(self, run_id: str, name: str) -> int:
+        """Lines of a file_stream file: its highest line offset + 1."""
+        lines = self._lines.get(run_id, {}).get(name) or {}
+        return max(lines) + 1 if lines else 0
+
+    def _tail(self, run_id: str, name: str) -> str:
+        """The last lines of a file, as the JSON string of a list of strings."""
+        lines = self._lines.get(run_id, {}).get(name) or {}
+        return json.dumps([lines[i] for i in sorted(lines)[-TAIL_LINES:]])
+
+    def _run_fields(self, name: str, entity: str | None, project: str | None) -> dict:
+        """The run fields UpsertBucket and RewindRun answer with."""
+        run = self._runs.get(name) or {}
+        entity = run.get("entity") or entity or "fake-entity"
+        project = run.get("project") or project or "uncategorized"
+        return {
+            "id": f"run:{entity}/{project}/{name}", "name": name,
+            "displayName": run.get("displayName") or name,
+            "description": run.get("description"),
+            "config": run.get("config") or "{}",
+            "sweepName": run.get("sweep"),
+            "project": {"id": f"project:{entity}/{project}", "name": project,
+                        "entity": {"id": f"entity:{entity}", "name": entity}},
+            "historyLineCount": self._count(name, HISTORY_FILE),
+        }
+
+    def _resume_bucket(self, name: str, entity: str, project: str) -> dict | None:
+        """RunResumeStatus's ``bucket``: None for a run this server never saw.
+
+        wandb-core resumes only when ``wandbConfig(keys: ["t"])`` has a "t"
+        (the run has started: its config carries wandb's telemetry); it then
+        takes the file_stream offsets from the three line counts (each must be
+        non-null), the starting step from the last ``historyTail`` line's
+        ``_step`` (+ 1 when historyLineCount > 0), the summary from
+        ``summaryMetrics`` and merges ``config`` (values as {"value": v}).
+        """
+        run = self._runs.get(name)
+        if run is None and name not in self._lines:
+            return None
+        run = run or {}
+        if run.get("project") not in (None, project) or run.get("entity") not in (None, entity):
+            return None
+        config = run.get("config") or "{}"
+        try:
+            wandb_cfg = (json.loads(config).get("_wandb") or {}).get("value") or {}
+        except Exception:
+            wandb_cfg = {}
+        bucket = self._run_fields(name, entity, project)
+        return {
+            "id": bucket["id"], "name": name,
+            "summaryMetrics": json.dumps(self._summary.get(name) or {}),
+            "displayName": bucket["displayName"],
+            "logLineCount": self._count(name, OUTPUT_FILE),
+            "historyLineCount": self._count(name, HISTORY_FILE),
+            "eventsLineCount": self._count(name, EVENTS_FILE),
+            "historyTail": self._tail(name, HISTORY_FILE),
+            "eventsTail": self._tail(name, EVENTS_FILE),
+            "config": config,
+            "tags": list(run.get("tags") or []),
+            "notes": run.get("notes"),
+            "wandbConfig": json.dumps({k: wandb_cfg[k] for k in ("t",) if k in wandb_cfg}),
+        }
+
+    def _rewind_run(self, v: dict) -> dict | tuple[int, dict]:
+        """RewindRun on a server with rewind: keep history up to the rewind point.
+
+        Only a run in a terminal state can be rewound: one that has had its
+        final file_stream post (``completed()``), was put there by
+        ``add_run`` with an exit code, or was marked by ``crash_run``.
+        The history becomes the lines up to the last one whose metric is <=
+        the value (renumbered from 0), the summary is recomputed from them, and
+        the answer carries the new historyLineCount, which wandb-core uses as
+        the history file_stream offset.
+        """
+        name = v.get("runName") or ""
+        metric = v.get("metricName") or "_step"
+        value = v.get("metricValue")
+        with self._lock:
+            if name not in self._runs and name not in self._lines:
+                return 404, {"errors": [{"message": "run not found", "path": ["rewindRun"]}],
+                             "data": {"rewindRun": None}}
+            if name not in self._exitcodes:
+                # W&B cloud's answer for a run still running (wandb/wandb#10438).
+                return 400, {"data": {"rewindRun": None}, "errors": [{
+                    "message": "cannot rewind a run that is not in a terminal state",
+                    "path": ["rewindRun"]}]}
+            raw = self._lines.get(name, {}).get(HISTORY_FILE) or {}
+            rows = self._history.get(name, {})
+            order = sorted(raw)
+            keep = 0
+            for n, i in enumerate(order):
+                got = rows.get(i, {}).get(metric)
+                if isinstance(got, (int, float)) and value is not None and got <= value:
+                    keep = n + 1
+            kept = order[:keep]
+            self._lines.setdefault(name, {})[HISTORY_FILE] = {
+                n: raw[i] for n, i in enumerate(kept)}
+            self._history[name] = {n: rows[i] for n, i in enumerate(kept) if i in rows}
+            summary: dict = {}
+            for n in range(len(kept)):
+                summary.update(self._history[name].get(n, {}))
+            self._summary[name] = summary
+            bucket = self._run_fields(name, v.get("entity"), v.get("project"))
+        return {"data": {"rewindRun": {"rewoundRun": bucket}}}
+
     # --- protocol -----------------------------------------------------------
 
     def _file_stream(self, path: str, body: bytes) -> dict:
@@ -449,16 +665,23 @@ class FakeWandb:
         files = data.get("files") or {}
         with self._lock:
             self._file_stream_posts.append({"run": run_id, "payload": data})
-            hist = files.get("wandb-history.jsonl")
-            if hist:
-                offset = int(hist.get("offset") or 0)
-                lines = self._history.setdefault(run_id, {})
-                for i, line in enumerate(hist.get("content") or []):
-                    try:
-                        lines[offset + i] = json.loads(line)
-                    except Exception:
-                        lines[offset + i] = {"_unparsed": line}
-            summ = files.get("wandb-summary.json")
+            for name, chunk in files.items():
+                if name == SUMMARY_FILE or not isinstance(chunk, dict):
+                    continue
+                # A line's offset is its line number in the file: a resent
+                # offset replaces that line, a resumed client appends after
+                # the line counts RunResumeStatus reported.
+                offset = int(chunk.get("offset") or 0)
+                raw = self._lines.setdefault(run_id, {}).setdefault(name, {})
+                for i, line in enumerate(chunk.get("content") or []):
+                    raw[offset + i] = line
+                    if name == HISTORY_FILE:
+                        try:
+                            row = json.loads(line)
+                        except Exception:
+                            row = {"_unparsed": line}
+                        self._history.setdefault(run_id, {})[offset + i] = row
+            summ = files.get(SUMMARY_FILE)
             if summ and summ.get("content"):
                 try:
                     self._summary[run_id] = json.loads(summ["content"][-1])
@@ -492,32 +715,29 @@ class FakeWandb:
             return {"data": {"serverInfo": {"features": []}}}
         if op == "UpsertBucket":
             name = v.get("name") or v.get("id") or "run"
-            project = v.get("project") or "uncategorized"
-            entity = v.get("entity") or "fake-entity"
             with self._lock:
+                inserted = name not in self._runs
                 run = self._runs.setdefault(name, {"upserts": 0})
                 run.update({k: val for k, val in v.items() if val is not None})
                 run["upserts"] += 1
-                config = run.get("config") or "{}"
-                inserted = run["upserts"] == 1
-            return {"data": {"upsertBucket": {
-                "bucket": {
-                    "id": f"run:{entity}/{project}/{name}", "name": name,
-                    "displayName": v.get("displayName") or name,
-                    "description": v.get("description"), "config": config,
-                    "sweepName": v.get("sweep"),
-                    "project": {"id": f"project:{entity}/{project}", "name": project,
-                                "entity": {"id": f"entity:{entity}", "name": entity}},
-                    "historyLineCount": 0,
-                },
-                "inserted": inserted,
-            }}}
+                bucket = self._run_fields(name, v.get("entity"), v.get("project"))
+            bucket["description"] = v.get("description")
+            bucket["displayName"] = v.get("displayName") or bucket["displayName"]
+            return {"data": {"upsertBucket": {"bucket": bucket, "inserted": inserted}}}
         if op == "RunResumeStatus":
+            entity = v.get("entity") or "fake-entity"
+            project = v.get("project") or "uncategorized"
+            with self._lock:
+                bucket = self._resume_bucket(v.get("name") or "", entity, project)
             return {"data": {"model": {
-                "id": "project:1", "name": v.get("project") or "uncategorized",
-                "entity": {"id": "entity:1", "name": v.get("entity") or "fake-entity"},
-                "bucket": None,
+                "id": f"project:{entity}/{project}", "name": project,
+                "entity": {"id": f"entity:{entity}", "name": entity},
+                "bucket": bucket,
             }}}
+        if op == "RewindRun" or "rewindRun" in q:
+            if not self.rewind:
+                return self.rewind_refusal_status, _unknown_field_error(q, "rewindRun", "Mutation")
+            return self._rewind_run(v)
         if op == "CreateRunFiles":
             entity, project, run = v.get("entity"), v.get("project"), v.get("run")
             base = self.url
@@ -539,13 +759,38 @@ class FakeWandb:
         return {"data": {}}
 
 
+def _unknown_field_error(query: str, field: str, type_name: str) -> dict:
+    """What a GraphQL server answers to a query for a field its schema lacks.
+
+    A validation error: HTTP 200, an ``errors`` list and no ``data`` (the
+    GraphQL spec).  W&B's self-managed server answers an unknown field this
+    way: in wandb/wandb#10124 (wandb/local in docker) ``wandb.Api().runs()``
+    raised ``Exception: {'message': 'Cannot query field "internalId" on type
+    "Project".', 'locations': [{'line': 3, 'column': 5}]}``, which wandb's
+    Python GraphQL client raised from the ``errors`` of a 2xx answer only (it
+    called ``raise_for_status()`` first).  Its resolver errors, by contrast,
+    come with 4xx/5xx (wandb/wandb#10438: ``returned error 400:
+    {"data":{"rewindRun":null},"errors":[{"message":"cannot rewind a run that
+    is not in a terminal state","path":["rewindRun"]}]}``).
+    """
+    idx = max(query.find(field), 0)
+    line = query.count("\n", 0, idx) + 1
+    column = idx - (query.rfind("\n", 0, idx) + 1) + 1
+    return {"errors": [{
+        "message": f'Cannot query field "{field}" on type "{type_name}".',
+        "locations": [{"line": line, "column": column}],
+    }]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run a fake W&B backend on 127.0.0.1.")
     p.add_argument("--mode", default="ok", choices=MODES)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
+    p.add_argument("--rewind", action="store_true",
+                   help="implement RewindRun (default: refuse it like self-managed W&B)")
     args = p.parse_args(argv)
-    srv = FakeWandb(args.mode, port=args.port, verbose=args.verbose).start()
+    srv = FakeWandb(args.mode, port=args.port, verbose=args.verbose, rewind=args.rewind).start()
     print(srv.url, flush=True)
     print(f"# export WANDB_MODE=online WANDB_BASE_URL={srv.url} WANDB_API_KEY={DUMMY_API_KEY}",
           file=sys.stderr, flush=True)
