@@ -75,6 +75,10 @@ class Transient(Exception):
     """A failure a later attempt in a fresh process may not meet."""
 
 
+class _RewindRefused(Exception):
+    """This backend refused a rewind before (``UploaderState.rewind_refused``)."""
+
+
 @dataclass(frozen=True)
 class UploaderConfig:
     run_dir: Path
@@ -105,6 +109,7 @@ class Uploader:
         self._txlog: TransactionLog | None = None
         # wandb's step rule at the cursor; a resumed session's first row may rewind the run
         self._clock = StepClock.from_dict(self.state.clock)
+        self._offset_clock = self._clock.snapshot()  # the clock as of _handed_offset
         self._rewind_to: int | None = None
         self._late = 0
         self._trainer: Hello | None = None  # the latest trainer session seen (its pid and program)
@@ -140,6 +145,7 @@ class Uploader:
                     if not self._record(meta, rec.payload, rec.end):
                         return EXIT_DONE
                     self._handed_offset = rec.end
+                    self._offset_clock = self._clock.snapshot()
                     self._save()
                     if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
                         log.warning("run %s: drain time is up; the rest stays in the spool", self.spool.run_id)
@@ -171,7 +177,7 @@ class Uploader:
             self._clock.hello(msg.session)
             self._trainer = msg
         elif isinstance(msg, Metrics):
-            before = self._clock.copy()
+            before = self._clock.top
             step, how = self._clock.place(msg.session, msg.step, msg.commit)
             if how == "late":
                 self._count_late(step)
@@ -180,10 +186,9 @@ class Uploader:
                     if self.run is not None:
                         log.info(
                             "run %s: a resumed trainer starts at step %d, below step %d: closing this segment "
-                            "(its trainer crashed: exit code 1) and rewinding the run", meta.run_id, step, before.top,
+                            "(its trainer crashed: exit code 1) and rewinding the run", meta.run_id, step, before,
                         )  # fmt: skip
-                        self._clock = before  # the next uploader places this frame again, with the rewind
-                        self._finish(1, final=False)
+                        self._finish(1, final=False)  # the next uploader places this frame again, with the rewind
                         return False
                     self._rewind_to = max(step - 1, 0)
                 if self.run is None and not self._init(meta):
@@ -205,6 +210,7 @@ class Uploader:
                 self.run.summary.update(msg.values)
         elif isinstance(msg, Close):
             self._handed_offset = end
+            self._offset_clock = self._clock.snapshot()
             self._finish(msg.exit_code)
             return False
         return True  # Refused: nothing for wandb
@@ -269,14 +275,17 @@ class Uploader:
             return self._sentinel(f"wandb not installed: {exc}")
         settings = self._settings(wandb, meta)
         opts = dict(meta.wandb_init)
-        if "base_url" in opts:
-            settings.base_url = opts.pop("base_url")
+        base_url = opts.pop("base_url", None)
+        if base_url:
+            settings.base_url = base_url
         t0 = time.monotonic()
         try:
             try:
+                if self._rewind_to is not None and self.state.rewind_refused:
+                    raise _RewindRefused("refused before by this backend")
                 self.run = self._wandb_init(wandb, meta, settings, opts)
             except Exception as exc:
-                if self._rewind_to is None or not _NO_REWIND.search(str(exc)):
+                if self._rewind_to is None or not (isinstance(exc, _RewindRefused) or _NO_REWIND.search(str(exc))):
                     raise
                 # The backend has no rewind: append the resumed rows after the run's last
                 # step instead, each carrying its own step as trainer/step.
@@ -284,10 +293,20 @@ class Uploader:
                     "run %s: the wandb backend refused the rewind (%s); appending the resumed rows after the "
                     "run's last step, with the trainer's step in %r", meta.run_id, " ".join(str(exc).split())[:200], TRAINER_STEP,
                 )  # fmt: skip
+                self.state.rewind_refused = True
                 first, self._rewind_to = self._rewind_to + 1, None
+                if not isinstance(exc, _RewindRefused):
+                    wandb.teardown()  # after a failed init, wandb holds the run ID in this process
+                settings = self._settings(wandb, meta)  # and the last settings kept resume_from
+                if base_url:
+                    settings.base_url = base_url
                 self.run = self._wandb_init(wandb, meta, settings, opts)
                 self.state.step_offset = max(0, int(self.run.starting_step) - first)
                 self.run.define_metric(TRAINER_STEP)
+                log.info(
+                    "run %s: resumed at wandb step %d; trainer step %d and on go to wandb step + %d",
+                    meta.run_id, self.run.starting_step, first, self.state.step_offset,
+                )  # fmt: skip
         except Exception as exc:  # wandb.errors.Error and whatever its backend raises
             reason = f"WandB init failed: {type(exc).__name__}: {exc}"
             if _permanent(exc):
@@ -357,7 +376,7 @@ class Uploader:
         self._handed.clear()
         self.state.offset = self._handed_offset
         self.state.trusted = self.state.uploaded
-        self.state.clock = self._clock.to_dict()
+        self.state.clock = StepClock.restore(self._offset_clock).to_dict()
 
     def _trust_flushed(self) -> None:
         """Offline: move the cursor over the frames whose step wandb-core has written.
@@ -375,7 +394,7 @@ class Uploader:
                 self.state.clock = StepClock.restore(trusted).to_dict()
         if not self._handed and self.run is None:
             self.state.offset = self._handed_offset  # only records with nothing for wandb
-            self.state.clock = self._clock.to_dict()
+            self.state.clock = StepClock.restore(self._offset_clock).to_dict()
 
     def _save(self, force: bool = False) -> None:
         """Rewrite uploader.json: the cursor, and the heartbeat the supervisor watches."""

@@ -174,3 +174,42 @@ def test_eight_trainers_share_a_sidecar_and_a_hung_backend_delays_none_of_the_ot
         assert sorted(os.listdir(env.spool / "runs")) == sorted([o["run_id"] for o in outs] + [hung_out["run_id"]])
     finally:
         hang.stop()
+
+
+def test_resume_on_a_backend_without_rewind_lands_every_resumed_value_under_the_same_run(env, sidecar):
+    """Online, against the fake backend answering RewindRun as a server without the
+    feature does: the crashed attempt logged 1..264, the resume restarts at 201. Nothing
+    is retried forever, nothing is lost: the resumed rows follow the run's last step,
+    each with the trainer's own step in trainer/step."""
+    fake = FakeWandb("ok").start()
+    try:
+        env.extra.update(fake.env())
+        sc = sidecar("--session-timeout", "5", "--resume-grace", "120")
+        first = finish_trainer(start_trainer(env, "--steps", "264", "--no-close", "--eval-every", "0"))
+        run_id = first["run_id"]
+        wait_for(lambda: (r := sc.run(run_id)) and r["state"] == "live" and r["pending"] == 0, 60)
+        second = finish_trainer(
+            start_trainer(env, "--run-id", run_id, "--start", "201", "--steps", "200", "--eval-every", "0")
+        )
+        assert second["run_id"] == run_id and second["closed"] is True
+        try:
+            st = sc.wait_run(run_id, "finished", timeout=120)
+        except AssertionError:
+            print(sc.log()[-6000:])
+            raise
+        assert st["exit_code"] == 0 and st["pending"] == 0 and st["late"] == 0
+        assert "refused the rewind" in sc.log(), sc.log()
+        print(sc.log())
+        assert "failed to rewind run" not in (st["last_error"] or "")
+        assert fake.exitcode(run_id) == 0 and list(fake.runs()) == [run_id]  # one run on the server
+        rows = fake.history_rows(run_id)
+        steps = [r["_step"] for r in rows]
+        assert steps == sorted(set(steps))  # wandb's own steps only ever go up
+        crashed = {r["_step"]: {k: v for k, v in r.items() if not k.startswith("_")} for r in rows if "trainer/step" not in r}
+        assert crashed == {s: train_metrics(s) for s in range(1, 265)}  # nothing of the crashed attempt erased
+        resumed = {r["trainer/step"]: {k: v for k, v in r.items() if not k.startswith("_") and k != "trainer/step"}
+                   for r in rows if "trainer/step" in r}  # fmt: skip
+        assert resumed == {s: train_metrics(s) for s in range(201, 401)}  # every resumed value, exactly
+        assert min(r["_step"] for r in rows if "trainer/step" in r) == 265  # after the run's last step
+    finally:
+        fake.stop()
