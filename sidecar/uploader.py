@@ -190,11 +190,12 @@ class Uploader:
             init_timeout=self.cfg.init_timeout,
             finish_timeout=self.cfg.finish_timeout,
             finish_timeout_raises=True,
-            x_transaction_log_flush_interval=self.cfg.flush_interval,
             console="off",  # the uploader's own output is not the trainer's
             x_disable_stats=True,  # this process's CPU and memory are not the job's
             silent=True,
         )
+        if "x_transaction_log_flush_interval" in type(settings).model_fields:  # wandb >= 0.31; before, 15 s
+            settings.x_transaction_log_flush_interval = self.cfg.flush_interval
         opts = dict(meta.wandb_init)
         if "base_url" in opts:
             settings.base_url = opts.pop("base_url")
