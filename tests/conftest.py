@@ -225,10 +225,17 @@ def wandb_file(wandb_dir: Path, run_id: str) -> Path:
     return files[-1]
 
 
+def wandb_cli() -> str:
+    """The `wandb` command that reads records back: this interpreter's, unless
+    $KFORGE_TEST_WANDB_CLI names another (`make test-wandb-min` tests an older wandb,
+    which has no `leet inspect`, and reads its files with the newest one's reader)."""
+    return os.environ.get("KFORGE_TEST_WANDB_CLI") or str(Path(sys.executable).parent / "wandb")
+
+
 def wandb_records(path: Path) -> list[dict]:
     """Every record of a .wandb file, as wandb itself reads it back."""
     r = subprocess.run(
-        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(path)],
+        [wandb_cli(), "leet", "inspect", "--json", str(path)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -268,7 +275,7 @@ def all_history(wandb_dir: Path, run_id: str) -> tuple[dict[int, dict], int]:
 
 def wandb_summary(path: Path) -> dict:
     r = subprocess.run(
-        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json", str(path)],
+        [wandb_cli(), "leet", "inspect", "--summary", "--json", str(path)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
