@@ -165,7 +165,7 @@ def _main(
 
 
 AddressOpt = typer.Option(None, "--address", "-a", callback=_address_opt, help="ZeroMQ address, ipc://PATH or tcp://HOST:PORT (default: $KFORGE_SIDECAR_ADDR, else a per-user ipc socket).")
-SpoolOpt = typer.Option(None, "--spool-dir", help="Spool directory (default: $KFORGE_SPOOL_DIR, else /var/tmp/kforge-sidecar-$UID/spool: node-local).")
+SpoolOpt = typer.Option(None, "--spool-dir", readable=False, help="Spool directory (default: $KFORGE_SPOOL_DIR, else /var/tmp/kforge-sidecar-$UID/spool: node-local).")
 # serve's options, shared with `run` (which passes them on to the sidecar it starts)
 LogLevelOpt = typer.Option("INFO", "--log-level", callback=_log_level, help="DEBUG, INFO, WARNING or ERROR.")
 DrainOpt = typer.Option(30.0, "--drain-timeout", callback=_nonneg, help="Seconds uploaders get to drain on SIGTERM or stop.")

@@ -73,17 +73,20 @@ def prepare_spool_dir(root: Path) -> None:
     Raises SpoolDirError with one line a user can act on.
     """
     hint = "choose another with --spool-dir or $KFORGE_SPOOL_DIR"
-    if root.exists() and not root.is_dir():
+    uid = os.getuid()
+    existed = root.exists()
+    if existed and not root.is_dir():
         raise SpoolDirError(f"spool directory {root} is a file, not a directory; {hint}")
+    if existed:  # before touching it: someone else's directory is refused, not chmod-ed
+        for path, allowed in ((root, (uid,)), (root.parent, (uid, 0))):
+            owner = path.stat().st_uid
+            if owner not in allowed:
+                raise SpoolDirError(f"spool directory {path} belongs to uid {owner}, not to you (uid {uid}); {hint}")
     try:
         Spool(root).ensure()
     except OSError as exc:
-        raise SpoolDirError(f"cannot create spool directory {root}: {exc.strerror or exc}; {hint}") from None
-    uid = os.getuid()
-    for path in (root, root.parent):
-        owner = path.stat().st_uid
-        if owner not in (uid, 0) or (path == root and owner != uid):
-            raise SpoolDirError(f"spool directory {path} belongs to uid {owner}, not to you (uid {uid}); {hint}")
+        what = "cannot use" if existed else "cannot create"
+        raise SpoolDirError(f"{what} spool directory {root}: {exc.strerror or exc}; {hint}") from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root / "runs")
         os.close(fd)
