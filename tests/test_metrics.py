@@ -13,7 +13,7 @@ import zmq
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from conftest import run_trainer, wait_for
+from conftest import finish_trainer, start_trainer, wait_for
 from fakewandb import FakeWandb
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -84,10 +84,11 @@ def test_metrics_endpoint_and_textfile_match_status_during_runs(env, sidecar, de
     assert url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
 
     # one run finished, one refused by its backend (frames pending), one still open and live
-    done = run_trainer(env, "--steps", "30", "--name", "done")
-    refused = run_trainer(env, "--steps", "20", "--name", "refused",
-                          "--wandb-init", json.dumps({"mode": "online", "base_url": denied.url}))  # fmt: skip
-    live = run_trainer(env, "--steps", "25", "--no-close", "--name", "live")  # its run stays open
+    done, refused, live = [finish_trainer(t) for t in [
+        start_trainer(env, "--steps", "30", "--name", "done"),
+        start_trainer(env, "--steps", "20", "--name", "refused", "--wandb-init", json.dumps({"mode": "online", "base_url": denied.url})),
+        start_trainer(env, "--steps", "25", "--no-close", "--name", "live"),  # its run stays open
+    ]]  # fmt: skip
     send_garbage(env.address, [b"\xc1not msgpack", b"\x93\x01\x02\x03"])  # not msgpack; not a map
     sc.wait_run(done["run_id"], "finished")
     sc.wait_run(refused["run_id"], "failed")
