@@ -197,3 +197,26 @@ def test_status_watch_refreshes_until_ctrl_c(env):
     assert p.returncode == 0
     assert screen.count("no sidecar running") >= 2
     assert "\x1b[1A" in screen and "\x1b[2K" in screen  # moved up and erased: refreshed in place
+
+
+def test_default_spool_is_node_local_and_network_filesystems_are_recognised(monkeypatch):
+    from sidecar.spool import default_spool_dir, network_filesystem
+
+    monkeypatch.delenv("KFORGE_SPOOL_DIR", raising=False)
+    assert default_spool_dir() == Path(f"/var/tmp/kforge-sidecar-{os.getuid()}/spool")
+    monkeypatch.setenv("KFORGE_SPOOL_DIR", "/scratch/me/spool")
+    assert default_spool_dir() == Path("/scratch/me/spool")
+    mounts = (
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "srv:/export/home /home nfs4 rw,vers=4.2 0 0\n"
+        "/dev/nvme0n1 /home/alice/local\\040disk xfs rw 0 0\n"
+        "10.0.0.1@o2ib:/lfs /n/lustre lustre rw 0 0\n"
+        "gpfs0 /gpfs gpfs rw 0 0\n"
+        "tmpfs /var/tmp tmpfs rw 0 0\n"
+    )
+    assert network_filesystem(Path("/home/alice/.local/state/kforge-sidecar"), mounts) == "nfs4 at /home"
+    assert network_filesystem(Path("/home/alice/local disk/spool"), mounts) is None  # a local mount inside NFS
+    assert network_filesystem(Path("/n/lustre/me/spool"), mounts) == "lustre at /n/lustre"
+    assert network_filesystem(Path("/gpfs/x"), mounts) == "gpfs at /gpfs"
+    assert network_filesystem(Path("/gpfsx/y"), mounts) is None  # a prefix of the name is not the mount
+    assert network_filesystem(Path("/var/tmp/kforge-sidecar-0/spool"), mounts) is None
