@@ -6,8 +6,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Wall-clock budget for the whole suite (CI allows 90 min; it takes a few).
 TEST_BUDGET ?= 1500
+# The other end of the tested wandb range (pyproject.toml: wandb>=0.27.0,<0.32); `make test`
+# gets the newest allowed. The wandb-facing tests run again in a venv with this one.
+WANDB_MIN   ?= 0.27.0
+MIN_VENV    ?= .venv-wandb-min
+MIN_STAMP   := $(MIN_VENV)/.installed-$(WANDB_MIN)
+WANDB_TESTS := tests/test_e2e.py tests/test_transaction_log.py tests/test_wandb_failures.py
 
-.PHONY: install demo test bench gpu-wheels clean
+.PHONY: install demo test test-wandb-min bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -24,6 +30,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	timeout -k 30 $(TEST_BUDGET) $(PY) -m pytest -q -p no:cacheprovider
 
+# No torch here: the wandb-facing tests do not need it. They read records back with the
+# newest wandb's `wandb leet inspect` (from $(VENV)), which older releases do not have.
+$(MIN_STAMP): pyproject.toml
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q -e '.[sidecar]' 'wandb==$(WANDB_MIN)' 'pytest>=8' 'pytest-timeout>=2.3'
+	$(MIN_VENV)/bin/python -c "import wandb; assert wandb.__version__ == '$(WANDB_MIN)', wandb.__version__"
+	touch $@
+
+test-wandb-min: $(STAMP) $(MIN_STAMP)
+	KFORGE_TEST_WANDB_CLI=$(CURDIR)/$(VENV)/bin/wandb timeout -k 30 $(TEST_BUDGET) \
+		$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WANDB_TESTS)
+
 bench: $(STAMP)
 	$(PY) bench/log_latency.py
 	$(PY) bench/log_latency_faults.py
@@ -33,4 +52,4 @@ gpu-wheels: $(STAMP)
 	bench/gpu_wheels.sh .whl
 
 clean:
-	rm -rf $(VENV) demo-out bench-out *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) demo-out bench-out *.egg-info

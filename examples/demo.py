@@ -61,7 +61,7 @@ def main() -> int:
             if any(x["run_id"] == run_id and x["state"] in ("finished", "failed") for x in runs):
                 break
             time.sleep(0.3)
-        subprocess.run([py, "-m", "sidecar", "status"], env=env)
+        subprocess.run([py, "-m", "sidecar", "status", "--all"], env=env)
     finally:
         sidecar.send_signal(signal.SIGTERM)  # drain and stop
         sidecar.wait(90)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from client.protocol import DEFAULT_LIMITS, Limits
 
+from .retention import RetentionPolicy
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -30,3 +32,12 @@ class ServeConfig:
     parent_pid: int | None = None  # exit when this process is gone
     idle_timeout: float | None = None  # exit after this long with no open or pending run and no client message
     log_file: Path | None = None  # stderr goes here (appending); SIGHUP reopens it, for logrotate
+    # Spool retention: finished-and-uploaded runs leave after ``retention.retain``, or earlier
+    # (oldest first) while the spool is over ``retention.max_bytes``; see retention.py.
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    gc_interval: float = 10.0  # seconds between retention passes
+    # Health metrics for monitoring (metrics.py): a Prometheus endpoint, a node_exporter textfile, or both.
+    metrics_port: int | None = None  # 0: any free port (status shows which)
+    metrics_host: str = "127.0.0.1"
+    metrics_textfile: Path | None = None
+    metrics_interval: float = 5.0  # seconds between textfile writes

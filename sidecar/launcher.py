@@ -90,6 +90,14 @@ def serve_argv(cfg: ServeConfig) -> list[str]:
         argv += ["--parent-pid", str(cfg.parent_pid)]
     if cfg.idle_timeout is not None:
         argv += ["--idle-timeout", str(cfg.idle_timeout)]
+    ret = cfg.retention
+    argv += ["--retain", "never" if ret.retain is None else str(ret.retain)]
+    if ret.max_bytes is not None:
+        argv += ["--spool-max-bytes", str(ret.max_bytes)]
+    if cfg.metrics_port is not None:
+        argv += ["--metrics-port", str(cfg.metrics_port), "--metrics-host", cfg.metrics_host]
+    if cfg.metrics_textfile is not None:
+        argv += ["--metrics-textfile", str(cfg.metrics_textfile)]
     return argv
 
 

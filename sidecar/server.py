@@ -7,13 +7,17 @@ spool durable, give the uploaders ``drain_timeout`` to hand wandb what is
 spooled, exit 0. So do ``--parent-pid`` (that process is gone) and
 ``--idle-timeout`` (no open or pending run and no client message for that
 long), so the sidecar never outlives its job. SIGHUP reopens ``--log-file``.
+Every few seconds the loop also measures the spool, applies the retention
+policy (retention.py) and writes the metrics textfile (metrics.py).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -26,17 +30,20 @@ from client.address import SocketDirError, ensure_socket_dir, ipc_path
 from .config import ServeConfig
 from .proc import pid_alive, redirect_stderr
 from .receiver import Receiver, RunState
-from .spool import Spool
+from .retention import describe, format_bytes, format_duration, plan, remove_run, sweep_trash
+from .spool import Spool, SpoolDirError, dir_bytes, network_filesystem, prepare_spool_dir
 from .status import run_status
 from .supervisor import Supervisor
 
 log = logging.getLogger("kforge_sidecar")
 
 SUPERVISE_EVERY = 0.2  # seconds between supervisor ticks
+MEASURE_EVERY = 2.0  # seconds between measurements of the spool's size and free space
+OVER_CAP_LOG_EVERY = 600.0  # seconds between warnings that the spool is over its cap
 
 EXIT_OK = 0
 EXIT_IN_USE = 1
-EXIT_UNSAFE = 2
+EXIT_UNSAFE = 2  # also: an unusable spool directory (a user's fix, not a restart's)
 
 
 class StartupError(RuntimeError):
@@ -58,6 +65,13 @@ class Server:
         self._lock_path: Path | None = None
         self._spool_lock_fd: int | None = None
         self._sock_path = ipc_path(cfg.address)
+        self.usage: dict[str, Any] = {"bytes": None, "free_bytes": None, "network_fs": None}
+        self.removed_runs = 0  # by retention or the size cap, since start
+        self.removed_bytes = 0
+        self.over_cap = False
+        self.metrics: Any = None  # metrics.Exporter, when asked for
+        self._last_measure = self._last_gc = 0.0
+        self._last_over_cap_log = -1e18
 
     # ---------------------------------------------------------------- startup
 
@@ -98,13 +112,32 @@ class Server:
 
     def serve(self) -> int:
         self._claim_address()
-        self.spool.ensure()
+        try:
+            prepare_spool_dir(self.spool.root)
+        except SpoolDirError as exc:
+            raise StartupError(str(exc), EXIT_UNSAFE) from None
+        netfs = network_filesystem(self.spool.root)
+        if netfs:
+            log.warning(
+                "spool %s is on a network filesystem (%s): every fsync is a network round trip and "
+                "other nodes share it; put it on node-local disk (--spool-dir or $KFORGE_SPOOL_DIR, e.g. /var/tmp)",
+                self.spool.root, netfs,
+            )  # fmt: skip
+        self.usage["network_fs"] = netfs
         # One sidecar per spool: two would both recover, repair and upload the same runs.
         self._spool_lock_fd = _lock_file(
             self.spool.root / "sidecar.lock",
             "spool {path} is in use by another kforge-sidecar (pid {owner}); give each sidecar its own --spool-dir",
         )
+        sweep_trash(self.spool)
         self.receiver.recover()
+        if self.cfg.metrics_port is not None or self.cfg.metrics_textfile is not None:
+            from .metrics import Exporter, MetricsError
+
+            try:
+                self.metrics = Exporter(self, self.cfg).start()
+            except MetricsError as exc:
+                raise StartupError(str(exc), EXIT_IN_USE) from None
         ctx = zmq.Context()
         sock = self._bind(ctx)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,6 +150,12 @@ class Server:
             log.info("will drain and exit when process %d is gone", self.cfg.parent_pid)
         if self.cfg.idle_timeout is not None:
             log.info("will drain and exit after %gs idle", self.cfg.idle_timeout)
+        ret = self.cfg.retention
+        log.info(
+            "retention: finished and uploaded runs are removed %s%s",
+            "never" if ret.retain is None else f"{format_duration(ret.retain)} after they finished",
+            "" if ret.max_bytes is None else f", or earlier (oldest first) while the spool is over {format_bytes(ret.max_bytes)}",
+        )  # fmt: skip
         try:
             self._loop(sock)
         finally:
@@ -125,6 +164,8 @@ class Server:
             ctx.term()
             self.supervisor.tick(self.receiver.runs)  # a last look: start uploaders for what just arrived
             self.supervisor.drain(self.cfg.drain_timeout)
+            if self.metrics is not None:
+                self.metrics.stop()
             self._release()
             log.info("stopped")
         return EXIT_OK
@@ -157,6 +198,7 @@ class Server:
             if now - last_tick >= SUPERVISE_EVERY:
                 self.receiver.reap_orphans(self.cfg.session_timeout, self.cfg.resume_grace)
                 self.supervisor.tick(self.receiver.runs)
+                self._housekeeping(now)
                 last_tick = now
                 reason = self._exit_reason(now)
                 if reason:
@@ -180,6 +222,70 @@ class Server:
             log.error("SIGHUP: cannot reopen %s (%s); still writing to the old file", self.cfg.log_file, exc)
             return
         log.info("SIGHUP: reopened %s", self.cfg.log_file)
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def _housekeeping(self, now: float) -> None:
+        """Measure the spool, apply retention, write the metrics textfile: each on its own
+        clock. A failure is logged and the sidecar keeps serving."""
+        try:
+            if now - self._last_measure >= MEASURE_EVERY:
+                self._last_measure = now
+                self._measure()
+            if now - self._last_gc >= self.cfg.gc_interval:
+                self._last_gc = now
+                self.collect_garbage()
+            if self.metrics is not None:
+                self.metrics.tick(now)
+        except Exception:
+            log.exception("housekeeping failed; still serving")
+
+    def _measure(self) -> None:
+        self.usage["bytes"] = dir_bytes(self.spool.root)
+        try:
+            self.usage["free_bytes"] = shutil.disk_usage(self.spool.root).free
+        except OSError:
+            self.usage["free_bytes"] = None
+
+    def collect_garbage(self) -> None:
+        """Remove the runs the retention policy lets go (retention.py has the rule)."""
+        policy = self.cfg.retention
+        rows = self.status()["runs"]
+        p = plan(rows, self.spool, policy)
+        wall = time.time()
+        for c in p.remove:
+            run = self.receiver.runs.get(c.run_id)
+            if run is None or run.dirty or c.run_id in self.supervisor.workers:
+                continue  # changed since the rows were taken; the next pass looks again
+            self._forget(c.run_id)
+            try:
+                remove_run(self.spool, c.run_id)
+            except OSError as exc:
+                log.error("run %s: could not remove it from the spool: %s", c.run_id, exc)
+                continue
+            self.removed_runs += 1
+            self.removed_bytes += c.bytes
+            log.info("%s: removed from the spool", describe(c, policy, wall))
+        if p.remove:
+            self._measure()
+        self.over_cap = p.over_cap_after
+        if self.over_cap and time.monotonic() - self._last_over_cap_log >= OVER_CAP_LOG_EVERY:
+            self._last_over_cap_log = time.monotonic()
+            log.warning(
+                "spool %s is %s, over --spool-max-bytes %s, and no more runs can be removed: every run "
+                "left is open or has frames not yet in wandb (never deleted); see `kforge-sidecar status`",
+                self.spool.root, format_bytes(p.spool_bytes - sum(c.bytes for c in p.remove)), format_bytes(policy.max_bytes or 0),
+            )  # fmt: skip
+
+    def _forget(self, run_id: str) -> None:
+        """Drop a run from memory before its directory goes: its sessions too, so a late
+        frame of one gets "say hello first" (and a fresh run) rather than a dangling run."""
+        run = self.receiver.runs.pop(run_id)
+        run.spool.log.close()
+        for sid, sess in list(self.receiver.sessions.items()):
+            if sess.run_id == run_id:
+                del self.receiver.sessions[sid]
+        self.supervisor.forget(run_id)
 
     # ---------------------------------------------------------------- lifetime
 
@@ -225,6 +331,19 @@ class Server:
                 "duplicates": self.receiver.duplicates,
                 "disk_error": self.receiver.disk_error,
                 "stopping": self.stopping,
+                "version": _version(),
+                "client_dropped": sum(r.client_dropped for r in self.receiver.runs.values()),
+                "uploader_processes": len(self.supervisor.workers),
+                "uploader_failures": dict(self.supervisor.failures),
+                "spool": dict(self.usage),
+                "retention": {
+                    "retain": self.cfg.retention.retain,
+                    "max_bytes": self.cfg.retention.max_bytes,
+                    "removed_runs": self.removed_runs,
+                    "removed_bytes": self.removed_bytes,
+                    "over_cap": self.over_cap,
+                },
+                "metrics": self.metrics.where() if self.metrics is not None else None,
             },
             "runs": [self._run_status(run_id, run) for run_id, run in sorted(self.receiver.runs.items())],
         }
@@ -252,6 +371,16 @@ class Server:
         if self._spool_lock_fd is not None:
             os.close(self._spool_lock_fd)
             self._spool_lock_fd = None
+
+
+@functools.lru_cache(maxsize=1)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kforge-sidecar")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _lock_file(path: Path, busy: str) -> int:

@@ -20,8 +20,9 @@ import errno
 import json
 import logging
 import os
-import socket
+import re
 import struct
+import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -45,16 +46,111 @@ def decode_record(payload: bytes) -> Record:
 
 
 def default_spool_dir() -> Path:
-    """$KFORGE_SPOOL_DIR, else a per-host directory under $XDG_STATE_HOME (~/.local/state).
+    """$KFORGE_SPOOL_DIR, else ``/var/tmp/kforge-sidecar-<uid>/spool``.
 
-    Per host, because a home directory is often shared by every node of a
-    cluster, and one spool serves one sidecar.
+    Node-local on typical clusters: home directories (and ``$XDG_STATE_HOME`` in
+    them) are usually NFS, GPFS or Lustre, where every group-commit fsync is a
+    network round trip, and which every node shares. /var/tmp rather than /tmp:
+    it survives a reboot (what was not uploaded is still there) and is rarely a
+    small tmpfs. Older versions spooled under ``legacy_spool_root()``;
+    ``kforge-sidecar sync --spool-dir`` still finds those spools.
     """
     env = os.environ.get("KFORGE_SPOOL_DIR")
     if env:
         return Path(env)
+    base = Path("/var/tmp") if os.path.isdir("/var/tmp") else Path(tempfile.gettempdir())
+    return base / f"kforge-sidecar-{os.getuid()}" / "spool"
+
+
+def legacy_spool_root() -> Path:
+    """Where versions before 0.2 spooled (one ``spool-<hostname>`` per host below it)."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "kforge-sidecar" / f"spool-{socket.gethostname()}"
+    return Path(state) / "kforge-sidecar"
+
+
+class SpoolDirError(RuntimeError):
+    """The spool directory cannot be used; the message says why and what to do."""
+
+
+def prepare_spool_dir(root: Path) -> None:
+    """Create the spool (0700) or check an existing one: a directory, ours, writable.
+
+    Raises SpoolDirError with one line a user can act on.
+    """
+    hint = "choose another with --spool-dir or $KFORGE_SPOOL_DIR"
+    uid = os.getuid()
+    existed = root.exists()
+    if existed and not root.is_dir():
+        raise SpoolDirError(f"spool directory {root} is a file, not a directory; {hint}")
+    if existed:  # before touching it: someone else's directory is refused, not chmod-ed
+        for path, allowed in ((root, (uid,)), (root.parent, (uid, 0))):
+            owner = path.stat().st_uid
+            if owner not in allowed:
+                raise SpoolDirError(f"spool directory {path} belongs to uid {owner}, not to you (uid {uid}); {hint}")
+    try:
+        Spool(root).ensure()
+    except OSError as exc:
+        what = "cannot use" if existed else "cannot create"
+        raise SpoolDirError(f"{what} spool directory {root}: {exc.strerror or exc}; {hint}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root / "runs")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SpoolDirError(f"spool directory {root} is not writable: {exc.strerror or exc}; {hint}") from None
+
+
+# Filesystems where a spool is shared between nodes and fsync is a network round trip.
+NETWORK_FS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs", "beegfs",
+        "ceph", "fuse.ceph-fuse", "glusterfs", "fuse.glusterfs", "panfs", "pvfs2", "orangefs",
+        "wekafs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "davfs",
+    }
+)  # fmt: skip
+
+
+def _unescape_mount(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def network_filesystem(path: Path, mounts: str | None = None) -> str | None:
+    """``"<fstype> at <mount point>"`` when ``path`` is on a network filesystem, else None.
+
+    ``mounts`` is the text of /proc/mounts (read when not given); the mount
+    that holds ``path`` is the longest mount point that is a prefix of it.
+    """
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point, fstype = _unescape_mount(parts[1]), parts[2]
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fstype)
+    if best is not None and best[1] in NETWORK_FS:
+        return f"{best[1]} at {best[0]}"
+    return None
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes in the files below ``path`` (allocated size, as `du` counts)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass  # removed meanwhile
+    return total
 
 
 def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from .config import ServeConfig
@@ -49,6 +50,10 @@ class Supervisor:
         self.states: dict[str, UploaderState] = {}  # the last uploader.json seen per run
         self.backoff: dict[str, Backoff] = {}
         self.restarts: dict[str, int] = {}
+        # uploader exits other than a clean one, by reason: "retry" (wandb failed transiently),
+        # "wedged" (killed: no heartbeat), "crash" (any other exit); for the health metrics
+        self.failures: Counter[str] = Counter()
+        self._wedged: set[str] = set()
 
     def tick(self, runs: dict[str, RunState], spawn: bool = True) -> None:
         now = time.monotonic()
@@ -105,7 +110,14 @@ class Supervisor:
                 "run %s: uploader pid %d is wedged (no heartbeat for %.0fs); killing it and restarting from the cursor",
                 run_id, w.proc.pid, now - last,
             )  # fmt: skip
+            self._wedged.add(run_id)
             _kill_group(w.proc)
+
+    def forget(self, run_id: str) -> None:
+        """Drop what is kept about a run that left the spool (it has no uploader)."""
+        for d in (self.states, self.backoff, self.restarts):
+            d.pop(run_id, None)
+        self._wedged.discard(run_id)
 
     def _reap(self, now: float) -> None:
         for run_id, w in list(self.workers.items()):
@@ -120,6 +132,9 @@ class Supervisor:
                 log.debug("run %s: uploader exited", run_id)
                 continue
             b.failures += 1
+            wedged = run_id in self._wedged
+            self._wedged.discard(run_id)
+            self.failures["retry" if code == EXIT_RETRY else "wedged" if wedged else "crash"] += 1
             self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
             delay = min(self.cfg.retry_backoff_max, self.cfg.retry_backoff * 2 ** (b.failures - 1))
             b.not_before = now + delay

@@ -261,7 +261,10 @@ class Uploader:
             opts["x_stats_pid"] = pid  # the trainer's CPU and memory; GPUs are the node's
         else:
             opts["x_disable_stats"] = True  # this process's figures are not the job's
-        return wandb.Settings(**opts)
+        # Settings this wandb does not have (the transaction-log flush interval came in 0.31;
+        # before, it is 15 s: a hard kill replays more, loses nothing) are left out.
+        known = type(wandb.Settings()).model_fields if hasattr(wandb.Settings, "model_fields") else opts
+        return wandb.Settings(**{k: v for k, v in opts.items() if k in known})
 
     def _init(self, meta: RunMeta) -> bool:
         """Lazy wandb.init. A permanent failure enters the sentinel and returns False;

@@ -226,7 +226,13 @@ def wandb_file(wandb_dir: Path, run_id: str) -> Path:
 
 
 def wandb_cli() -> str:
-    """wandb's command line: beside this Python (a venv), else on PATH (wheels installed with --target)."""
+    """The `wandb` command that reads records back: $KFORGE_TEST_WANDB_CLI if set
+    (`make test-wandb-min` tests an older wandb, which has no `leet inspect`, and reads
+    its files with the newest one's reader), else this interpreter's (a venv), else the
+    one on PATH (wheels installed with --target on a GPU machine)."""
+    env = os.environ.get("KFORGE_TEST_WANDB_CLI")
+    if env:
+        return env
     beside = Path(sys.executable).parent / "wandb"
     return str(beside) if beside.exists() else (shutil.which("wandb") or str(beside))
 

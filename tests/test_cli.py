@@ -58,6 +58,10 @@ def test_status_without_a_sidecar_reads_the_spool(env, sidecar):
     r = sc.cli("status")
     assert r.returncode == 1
     assert "no sidecar running" in r.stdout
+    # finished and uploaded: not shown by default, only with --all
+    assert out["run_id"] not in r.stdout and "1 finished and uploaded run not shown (--all shows them)" in r.stdout
+    r = sc.cli("status", "--all")
+    assert r.returncode == 1
     assert out["run_id"] in r.stdout and "offline-view" in r.stdout and "finished" in r.stdout
     r = sc.cli("status", "--json")
     run = r_json = __import__("json").loads(r.stdout)["runs"][0]
