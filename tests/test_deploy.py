@@ -372,14 +372,15 @@ def test_prolog_epilog_taskprolog_exit_zero_whatever_fails(env):
 
 
 def shell_scripts() -> list[Path]:
-    return sorted(p for d in (SLURM, SHIMS) for p in d.iterdir() if p.is_file())
+    bench = list((ROOT / "bench").glob("*.sh"))  # the GPU check scripts
+    return sorted([p for d in (SLURM, SHIMS) for p in d.iterdir() if p.is_file()] + bench)
 
 
 def test_shellcheck_is_clean_on_every_script():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
     scripts = shell_scripts()
-    assert {"train.sbatch", "prolog.sh", "epilog.sh", "taskprolog.sh", "srun"} <= {p.name for p in scripts}
+    assert {"train.sbatch", "prolog.sh", "epilog.sh", "taskprolog.sh", "srun", "gpu_check.sh"} <= {p.name for p in scripts}
     r = subprocess.run(["shellcheck", "--severity=style", *map(str, scripts)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
