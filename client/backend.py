@@ -9,10 +9,9 @@ Like the seed's backend it is lazy: constructing it does no I/O and starts no
 thread. The ``MetricsClient`` is created on the first ``log()``, after
 distributed setup and checkpoint resume, so a ``wandb_run_id`` restored from
 the checkpoint's extra dict is the one the client asks for. The run ID goes
-back into ``config.wandb_run_id`` as soon as the sidecar has answered (checked
-on every ``log()``, one attribute read until then), and ``close()`` waits up
-to 2 s for it if it is still unknown; the training loop then puts it into
-``ckpt_extra["wandb_run_id"]``, as it did with the seed's backend.
+back into ``config.wandb_run_id`` on that first ``log()``: the client mints it
+at once. The training loop then puts it into ``ckpt_extra["wandb_run_id"]``,
+as it did with the seed's backend.
 
 Nothing here raises into the caller. Non-zero ranks (``$RANK``) get an inert
 client. A backend inherited through ``fork()`` before its first ``log()`` stays
