@@ -1,0 +1,222 @@
+"""PyTorch Lightning: a ``Logger`` that hands metrics to the local kforge-sidecar.
+
+    from client.integrations.lightning import SidecarLogger
+
+    logger = SidecarLogger(project="my-project")
+    trainer = Trainer(logger=logger, callbacks=[logger])   # callbacks: the run ID rides in the checkpoint
+    trainer.fit(model, ckpt_path=ckpt)                     # a resume continues the same wandb run
+
+A thin layer over ``client.MetricsClient``: ``log_metrics`` is ``log`` (with
+Lightning's step), ``log_hyperparams`` is ``update_config``, ``finalize`` is
+``close`` ("failed" finishes the run as failed, exit code 1). It imports only
+Lightning (``lightning``, else the older ``pytorch_lightning`` package).
+
+The run ID travels in the checkpoint through what Lightning restores: a
+``Callback``'s ``state_dict``/``load_state_dict``. Lightning saves and restores
+no state for loggers, so ``SidecarLogger`` is both: pass it as the logger and in
+``callbacks``. Lightning restores callbacks after ``setup`` and before the first
+hyperparameter or metric is logged, so the client is created lazily, after the
+restore: ``experiment`` is a lazy handle, and ``version`` is ``""`` until the
+fit starts (``on_fit_start``) or the first log, then the run ID. A
+``ModelCheckpoint`` without ``dirpath`` therefore resolves its directory to
+``<root>/<project>/checkpoints``, the same for a fresh and a resumed job (and
+``ckpt_path="last"`` finds it). Without ``callbacks=[logger]``, logging works
+but a resumed job starts a new run unless ``run_id=`` is passed.
+
+Rank zero only: other ranks get an inert client, and Lightning's
+``rank_zero_only`` keeps them from calling it at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Mapping
+
+try:
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers.logger import Logger
+    from lightning.pytorch.utilities import rank_zero_only
+except ImportError:  # the standalone package (pip install pytorch-lightning)
+    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    from pytorch_lightning.loggers.logger import Logger  # type: ignore[no-redef]
+    from pytorch_lightning.utilities import rank_zero_only  # type: ignore[no-redef]
+
+from ..metrics_client import MetricsClient
+
+log = logging.getLogger("kforge_sidecar.lightning")
+
+__all__ = ["SidecarLogger"]
+
+
+class _LazyClient:
+    """What ``logger.experiment`` returns: the ``MetricsClient``, created on first use.
+
+    Lightning touches ``logger.experiment`` during ``setup``, before it restores
+    callbacks from a checkpoint; creating the client there would open a run
+    before the checkpoint's run ID is known.
+    """
+
+    def __init__(self, logger: "SidecarLogger") -> None:
+        self._logger = logger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger._ensure_client(), name)
+
+    def __repr__(self) -> str:
+        return f"<lazy MetricsClient of {self._logger!r}>"
+
+
+class SidecarLogger(Logger, Callback):
+    """Lightning logger (and callback) over ``client.MetricsClient``.
+
+    Args:
+        project, name, run_id, config, address: as for ``MetricsClient``. ``name``
+            defaults to the project; ``run_id`` continues a known run (it wins over
+            one restored from a checkpoint).
+        prefix: prepended to every metric key (``prefix/key``), as Lightning's loggers do.
+        close_timeout: how long ``finalize`` may wait for the sidecar (seconds).
+        **client_kwargs: passed to ``MetricsClient`` (``wandb_init``, ``buffer_size``, ...).
+    """
+
+    LOGGER_JOIN_CHAR = "/"
+
+    def __init__(
+        self,
+        project: str = "lightning",
+        name: str | None = None,
+        run_id: str | None = None,
+        config: Any = None,
+        address: str | None = None,
+        *,
+        prefix: str = "",
+        close_timeout: float = 10.0,
+        **client_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self._project = project
+        self._name = name
+        self._run_id = run_id
+        self._explicit_run_id = run_id is not None
+        self._config = config
+        self._address = address
+        self._prefix = prefix
+        self._close_timeout = close_timeout
+        self._rank = client_kwargs.pop("rank", None)
+        self._client_kwargs = client_kwargs
+        self._client: MetricsClient | None = None
+        self._fit_started = False
+        self.last_close: bool | None = None  # what the last finalize()'s close returned
+
+    # ----------------------------------------------------------- Logger
+
+    @property
+    def name(self) -> str:
+        return self._name or self._project
+
+    @property
+    def version(self) -> str:
+        """The run ID; ``""`` until the fit has started (the checkpoint may still bring one)."""
+        if self._client is None and self._fit_started and rank_zero_only.rank == 0:
+            self._ensure_client()
+        return self._run_id or ""
+
+    @property
+    def save_dir(self) -> str | None:
+        return None
+
+    @property
+    def experiment(self) -> Any:
+        """The run's ``MetricsClient`` (created on first use, after any checkpoint restore)."""
+        return _LazyClient(self)
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def client(self) -> MetricsClient | None:
+        """The underlying client; None until the first log (or after ``finalize``)."""
+        return self._client
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(params, argparse.Namespace):
+            params = vars(params)
+        if params is None:
+            return
+        values = dict(params) if isinstance(params, Mapping) else params  # a dataclass: the client converts it
+        self._ensure_client().update_config(values)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if self._prefix:
+            metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
+        self._ensure_client().log(metrics, step=step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Finish the run: exit code 1 for "failed", else 0. Bounded by ``close_timeout``.
+
+        Lightning calls this at the end of every ``fit``/``validate``/``test``; a
+        later log re-opens the same run (same run ID).
+        """
+        client = self._client
+        if client is None:
+            return
+        self._client = None
+        self.last_close = client.close(timeout=self._close_timeout, exit_code=1 if status == "failed" else 0)
+
+    # ----------------------------------------------------------- Callback: the run ID in the checkpoint
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fit_started = True  # the checkpoint (if any) is restored by now
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self._run_id}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        restored = state_dict.get("run_id")
+        if not restored or restored == self._run_id:
+            return
+        if self._explicit_run_id:
+            log.warning(
+                "kforge-sidecar: run_id=%r was passed; not continuing run %r from the checkpoint",
+                self._run_id,
+                restored,
+            )
+        elif self._client is not None:
+            log.warning(
+                "kforge-sidecar: run %r is already open; the checkpoint's run %r cannot be continued",
+                self._run_id,
+                restored,
+            )
+        else:
+            self._run_id = restored
+
+    # ----------------------------------------------------------- internals
+
+    def _ensure_client(self) -> MetricsClient:
+        if self._client is None:
+            self._client = MetricsClient(
+                project=self._project,
+                name=self._name,
+                run_id=self._run_id,
+                config=self._config,
+                address=self._address,
+                rank=self._rank if self._rank is not None else getattr(rank_zero_only, "rank", None),
+                **self._client_kwargs,
+            )
+            if self._client.run_id is not None:
+                self._run_id = self._client.run_id
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Lightning may pickle or deepcopy loggers (spawn launchers): the client's
+        # sender thread and socket stay with the process that made them.
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"SidecarLogger(project={self._project!r}, run_id={self._run_id!r})"
