@@ -1,0 +1,44 @@
+"""HF Accelerate through the sidecar (issue 11): ``SidecarTracker`` in
+``Accelerator(log_with=[...])``, a real training loop in a subprocess
+(tests/train_accelerate.py), a live sidecar, wandb offline, wandb's record read back.
+"""
+
+from __future__ import annotations
+
+from frameworks import HERE, assert_config, history, read_record, require, run_ids_in, segments
+
+require("accelerate")
+
+from conftest import finish_trainer, start_trainer, wandb_summary  # noqa: E402
+
+SCRIPT = HERE / "train_accelerate.py"
+CONFIG = {"lr": 0.05, "hidden": 8, "steps": 30, "optimizer": "sgd"}
+
+
+def test_accelerate_tracker_logs_every_value_config_and_finishes_the_run(env, sidecar):
+    sc = sidecar()
+    record = env.base / "record.jsonl"
+    out = finish_trainer(start_trainer(env, "--record", str(record), script=SCRIPT), timeout=120)
+    run_id = out["run_id"]
+    assert run_id and out["closed"] is True  # end_training() finished the run, confirmed by the sidecar
+    # 31 accelerator.log calls; the 1-d tensor dropped from each, with one warning for the key
+    assert out["stats"]["logged"] == 31 and out["stats"]["dropped_values"] == 30 and out["stats"]["dropped"] == 0
+    assert out["hist_warnings"] == 1
+
+    st = sc.wait_run(run_id, "finished", timeout=60)
+    assert st["exit_code"] == 0
+    assert run_ids_in(env) == {run_id}
+
+    # accelerator.log without a step goes to wandb's next step (0, 1, ...), with a step to that step
+    calls = read_record(record)
+    expected: dict[int, dict] = {}
+    for i, call in enumerate(calls):
+        expected.setdefault(i if call["step"] is None else call["step"], {}).update(call["values"])
+    assert len(expected) == 31 and set(expected[50]) == {"eval/loss"}
+
+    files = segments(env, run_id)
+    assert len(files) == 1
+    assert history(files[0]) == expected  # every (step, key, value), exactly; no train/hist
+    summary = wandb_summary(files[0])
+    assert summary["exit_code"] == 0 and summary["state"] == "finished"
+    assert_config(files, CONFIG)  # init_trackers(config=...) is the run's config
