@@ -37,8 +37,8 @@ def test_lightning_kill_after_a_checkpoint_and_resume_continue_one_run(env, side
     hung = hang_then_kill(proc, marker)
     run_id = hung["run_id"]
     assert run_id and hung["step"] == 25
-    ckpt = root / "ckpt" / "step=20.ckpt"
-    assert ckpt.exists(), sorted(p.name for p in (root / "ckpt").iterdir())
+    ckpt = root / "fw-lightning" / "checkpoints" / "step=20.ckpt"  # ModelCheckpoint's default dir, by the project
+    assert ckpt.exists(), sorted(str(p) for p in root.rglob("*.ckpt"))
 
     # resume from the checkpoint: the run ID comes back from it, through the logger's callback state
     resumed_args = ("--root", str(root), "--record", str(resumed_record), "--resume", str(ckpt))

@@ -112,7 +112,8 @@ def main() -> int:
 
     logger = Recording(project="fw-lightning", name="tiny")
     logger.record = a.record
-    ckpt = ModelCheckpoint(dirpath=a.root / "ckpt", every_n_train_steps=10, save_top_k=-1, filename="{step}")
+    # no dirpath: <root>/<project>/checkpoints, the same directory for the fresh and the resumed fit
+    ckpt = ModelCheckpoint(every_n_train_steps=10, save_top_k=-1, filename="{step}")
     callbacks = [logger, ckpt, SeeVersion()]
     if a.hang_at >= 0:
         callbacks.append(Hang(a.hang_at, a.marker, logger))

@@ -71,9 +71,9 @@ class SidecarLogger(Logger, Callback):
     """Lightning logger (and callback) over ``client.MetricsClient``.
 
     Args:
-        project, name, run_id, config, address: as for ``MetricsClient``. ``name``
-            defaults to the project; ``run_id`` continues a known run (it wins over
-            one restored from a checkpoint).
+        project, name, run_id, config, address: as for ``MetricsClient``. ``run_id``
+            continues a known run (it wins over one restored from a checkpoint).
+            Lightning's ``logger.name`` is the project, as for its WandbLogger.
         prefix: prepended to every metric key (``prefix/key``), as Lightning's loggers do.
         close_timeout: how long ``finalize`` may wait for the sidecar (seconds).
         **client_kwargs: passed to ``MetricsClient`` (``wandb_init``, ``buffer_size``, ...).
@@ -112,7 +112,12 @@ class SidecarLogger(Logger, Callback):
 
     @property
     def name(self) -> str:
-        return self._name or self._project
+        """The project, as for Lightning's WandbLogger (the run's name is ``run_name``)."""
+        return self._project
+
+    @property
+    def run_name(self) -> str | None:
+        return self._name
 
     @property
     def version(self) -> str:
