@@ -7,9 +7,9 @@
     accelerator.log({"loss": loss}, step=step)                   # step may be None: wandb's next step
     accelerator.end_training()                                   # finishes the run (exit code 0)
 
-A thin layer over ``client.MetricsClient``: ``start`` creates the client,
-``store_init_configuration`` is ``update_config``, ``log`` is ``log``,
-``finish`` is ``close``. ``tracker`` is the ``MetricsClient``. Accelerate gives
+A thin layer over ``client.MetricsClient``: ``store_init_configuration``
+starts the client with that config (the first ``log`` starts it if there is
+none), ``log`` is ``log``, ``finish`` is ``close``. ``tracker`` is the ``MetricsClient``. Accelerate gives
 a custom tracker's constructor the project, not ``init_trackers``: the
 ``project_name`` passed there is not used. It imports only ``accelerate``.
 
@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from accelerate.tracking import GeneralTracker
 
 from ..metrics_client import MetricsClient
+from ._common import open_or_update
 
 log = logging.getLogger("kforge_sidecar.accelerate")
 
@@ -72,7 +73,9 @@ class SidecarTracker(GeneralTracker):
     # ----------------------------------------------------------- GeneralTracker
 
     def start(self) -> None:
-        self._ensure_client()
+        # The client starts at store_init_configuration (so that the config goes
+        # into its hello) or at the first log, whichever comes first.
+        pass
 
     @property
     def tracker(self) -> MetricsClient:
@@ -80,7 +83,7 @@ class SidecarTracker(GeneralTracker):
         return self._ensure_client()
 
     def store_init_configuration(self, values: Mapping[str, Any]) -> None:
-        self._ensure_client().update_config(values)
+        self._ensure_client(dict(values))
 
     def log(self, values: Mapping[str, Any], step: int | None = None, **kwargs: Any) -> None:
         self._ensure_client().log(values, step=step)
@@ -112,24 +115,28 @@ class SidecarTracker(GeneralTracker):
 
     # ----------------------------------------------------------- internals
 
-    def _ensure_client(self) -> MetricsClient:
-        if self._client is None:
-            kwargs = dict(self._client_kwargs)
-            if "rank" not in kwargs:
-                from accelerate.state import PartialState  # set up by the Accelerator by now
-
-                kwargs["rank"] = PartialState().process_index
-            self._client = MetricsClient(
-                project=self.project,
-                name=self.run_name,
-                run_id=self.run_id,
-                config=self._config,
-                address=self.address,
-                **kwargs,
-            )
+    def _ensure_client(self, config: Mapping[str, Any] | None = None) -> MetricsClient:
+        """The client (started on first use), with ``config`` merged into the run's config."""
+        if self._client is None or config:
+            self._client = open_or_update(self._client, self._make_client, self._config, config)
             if self._client.run_id is not None:
                 self.run_id = self._client.run_id
         return self._client
+
+    def _make_client(self, config: Any) -> MetricsClient:
+        kwargs = dict(self._client_kwargs)
+        if "rank" not in kwargs:
+            from accelerate.state import PartialState  # set up by the Accelerator by now
+
+            kwargs["rank"] = PartialState().process_index
+        return MetricsClient(
+            project=self.project,
+            name=self.run_name,
+            run_id=self.run_id,
+            config=config,
+            address=self.address,
+            **kwargs,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

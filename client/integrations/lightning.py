@@ -7,8 +7,9 @@
     trainer.fit(model, ckpt_path=ckpt)                     # a resume continues the same wandb run
 
 A thin layer over ``client.MetricsClient``: ``log_metrics`` is ``log`` (with
-Lightning's step), ``log_hyperparams`` is ``update_config``, ``finalize`` is
-``close`` ("failed" finishes the run as failed, exit code 1). It imports only
+Lightning's step), ``log_hyperparams`` goes into the run's config (in the
+client's hello when it is the first call, else ``update_config``), ``finalize``
+is ``close`` ("failed" finishes the run as failed, exit code 1). It imports only
 Lightning (``lightning``, else the older ``pytorch_lightning`` package).
 
 The run ID travels in the checkpoint through what Lightning restores: a
@@ -30,6 +31,7 @@ Rank zero only: other ranks get an inert client, and Lightning's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any, Mapping
 
@@ -43,6 +45,7 @@ except ImportError:  # the standalone package (pip install pytorch-lightning)
     from pytorch_lightning.utilities import rank_zero_only  # type: ignore[no-redef]
 
 from ..metrics_client import MetricsClient
+from ._common import open_or_update
 
 log = logging.getLogger("kforge_sidecar.lightning")
 
@@ -150,8 +153,14 @@ class SidecarLogger(Logger, Callback):
             params = vars(params)
         if params is None:
             return
-        values = dict(params) if isinstance(params, Mapping) else params  # a dataclass: the client converts it
-        self._ensure_client().update_config(values)
+        if isinstance(params, Mapping):
+            values = dict(params)
+        elif dataclasses.is_dataclass(params) and not isinstance(params, type):
+            values = dataclasses.asdict(params)
+        else:
+            log.warning("kforge-sidecar: hyperparameters of type %s are not a mapping; not logged", type(params).__name__)
+            return
+        self._ensure_client(values)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -201,20 +210,24 @@ class SidecarLogger(Logger, Callback):
 
     # ----------------------------------------------------------- internals
 
-    def _ensure_client(self) -> MetricsClient:
-        if self._client is None:
-            self._client = MetricsClient(
-                project=self._project,
-                name=self._name,
-                run_id=self._run_id,
-                config=self._config,
-                address=self._address,
-                rank=self._rank if self._rank is not None else getattr(rank_zero_only, "rank", None),
-                **self._client_kwargs,
-            )
+    def _ensure_client(self, config: Mapping[str, Any] | None = None) -> MetricsClient:
+        """The client (started on first use), with ``config`` merged into the run's config."""
+        if self._client is None or config:
+            self._client = open_or_update(self._client, self._make_client, self._config, config)
             if self._client.run_id is not None:
                 self._run_id = self._client.run_id
         return self._client
+
+    def _make_client(self, config: Any) -> MetricsClient:
+        return MetricsClient(
+            project=self._project,
+            name=self._name,
+            run_id=self._run_id,
+            config=config,
+            address=self._address,
+            rank=self._rank if self._rank is not None else getattr(rank_zero_only, "rank", None),
+            **self._client_kwargs,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         # Lightning may pickle or deepcopy loggers (spawn launchers): the client's

@@ -7,9 +7,8 @@
     trainer.train(resume_from_checkpoint=ckpt)           # a resume continues the same wandb run
 
 A thin layer over ``client.MetricsClient``:
-- ``on_train_begin``: starts the client, and sends the ``TrainingArguments``
-  (and the model's ``config``, if it has one) as the run's config
-  (``update_config``);
+- ``on_train_begin``: starts the client with the ``TrainingArguments`` (and
+  the model's ``config``, if it has one) as the run's config;
 - ``on_log``: ``log(logs, step=state.global_step)`` (``log_eval`` for an
   evaluation's ``eval_*`` dict); the end-of-training totals (``train_runtime``,
   ``train_loss``, ...) go to the run's summary (``update_summary``), as HF's own
@@ -33,6 +32,7 @@ from typing import Any, Mapping
 from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ..metrics_client import MetricsClient
+from ._common import open_or_update
 
 log = logging.getLogger("kforge_sidecar.transformers")
 
@@ -108,13 +108,12 @@ class SidecarCallback(TrainerCallback, ExportableState):
                 )
             else:
                 self.run_id = restored
-        client = self._ensure_client(args)
         config: dict[str, Any] = {}
         model_config = getattr(model, "config", None)
         if hasattr(model_config, "to_dict"):
             config.update(model_config.to_dict())
         config.update(args.to_dict())
-        client.update_config(config)
+        self._ensure_client(args, config)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         if not logs:
@@ -146,18 +145,23 @@ class SidecarCallback(TrainerCallback, ExportableState):
             return run_id if isinstance(run_id, str) and run_id else None
         return None
 
-    def _ensure_client(self, args: Any) -> MetricsClient:
-        if self._client is None:
-            kwargs = dict(self._client_kwargs)
-            kwargs.setdefault("rank", getattr(args, "process_index", None))
-            self._client = MetricsClient(
-                project=self.project,
-                name=self.name,
-                run_id=self.run_id,
-                config=self._config,
-                address=self.address,
-                **kwargs,
-            )
+    def _ensure_client(self, args: Any, config: Mapping[str, Any] | None = None) -> MetricsClient:
+        """The client (started on first use), with ``config`` merged into the run's config."""
+        if self._client is None or config:
+
+            def make(run_config: Any) -> MetricsClient:
+                kwargs = dict(self._client_kwargs)
+                kwargs.setdefault("rank", getattr(args, "process_index", None))
+                return MetricsClient(
+                    project=self.project,
+                    name=self.name,
+                    run_id=self.run_id,
+                    config=run_config,
+                    address=self.address,
+                    **kwargs,
+                )
+
+            self._client = open_or_update(self._client, make, self._config, config)
             if self._client.run_id is not None:
                 self.run_id = self._client.run_id
         return self._client
