@@ -5,11 +5,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 from frameworks import HERE, assert_config, history, read_record, require, run_ids_in, segments
 
 require("accelerate")
 
-from conftest import finish_trainer, start_trainer, wandb_summary  # noqa: E402
+from conftest import ROOT, finish_trainer, start_trainer, wandb_summary  # noqa: E402
 
 SCRIPT = HERE / "train_accelerate.py"
 CONFIG = {"lr": 0.05, "hidden": 8, "steps": 30, "optimizer": "sgd"}
@@ -42,3 +46,43 @@ def test_accelerate_tracker_logs_every_value_config_and_finishes_the_run(env, si
     summary = wandb_summary(files[0])
     assert summary["exit_code"] == 0 and summary["state"] == "finished"
     assert_config(files, CONFIG)  # init_trackers(config=...) is the run's config
+
+
+
+RESUME = r"""
+import json, sys
+import torch
+from accelerate import Accelerator
+from client.integrations.accelerate import SidecarTracker
+
+state_dir, resume = sys.argv[1], sys.argv[2] == "resume"
+tracker = SidecarTracker(project="fw-accelerate", close_timeout=0.2)
+accelerator = Accelerator(cpu=True, log_with=[tracker])
+accelerator.register_for_checkpointing(tracker)
+model = accelerator.prepare(torch.nn.Linear(2, 1))
+if resume:
+    accelerator.load_state(state_dir)
+accelerator.init_trackers("fw-accelerate", config={"lr": 0.1})
+accelerator.log({"loss": model.weight.detach().sum()}, step=1)
+if not resume:
+    accelerator.save_state(state_dir)
+run_id = tracker.run_id
+accelerator.end_training()
+print(json.dumps({"run_id": run_id}))
+"""
+
+
+def test_accelerate_run_id_travels_in_save_state(env):
+    # The README's resume recipe: the tracker registered for checkpointing, load_state
+    # before init_trackers. No sidecar needed: the client mints the run ID itself.
+    script = env.base / "resume.py"
+    script.write_text(RESUME)
+    ids = []
+    for mode in ("fresh", "resume"):
+        r = subprocess.run(
+            [sys.executable, str(script), str(env.base / "state"), mode],
+            env=env.vars(), cwd=ROOT, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        ids.append(json.loads(r.stdout.strip().splitlines()[-1])["run_id"])
+    assert ids[0] and ids[1] == ids[0]
