@@ -86,3 +86,34 @@ def test_accelerate_run_id_travels_in_save_state(env):
         assert r.returncode == 0, r.stderr
         ids.append(json.loads(r.stdout.strip().splitlines()[-1])["run_id"])
     assert ids[0] and ids[1] == ids[0]
+
+
+CRASH = r"""
+import json
+from accelerate import Accelerator
+from client.integrations.accelerate import SidecarTracker
+
+tracker = SidecarTracker(project="fw-accelerate")
+accelerator = Accelerator(cpu=True, log_with=[tracker])
+accelerator.init_trackers("fw-accelerate", config={"lr": 0.1})
+for step in range(1, 4):
+    accelerator.log({"loss": 1.0 / step}, step=step)
+print(json.dumps({"run_id": tracker.run_id}), flush=True)
+raise RuntimeError("the training loop crashed")  # no end_training()
+"""
+
+
+def test_accelerate_crash_without_end_training_finishes_the_run_as_failed_at_exit(env, sidecar):
+    # An uncaught exception: the adapter finishes the run at exit with exit code 1, at
+    # once, rather than leaving it to the sidecar's resume grace (300 s here).
+    sc = sidecar()
+    script = env.base / "crash.py"
+    script.write_text(CRASH)
+    r = subprocess.run([sys.executable, str(script)], env=env.vars(), capture_output=True, text=True, timeout=90)
+    assert r.returncode == 1 and "the training loop crashed" in r.stderr
+    run_id = json.loads(r.stdout.strip().splitlines()[-1])["run_id"]
+    st = sc.wait_run(run_id, "finished", timeout=30)
+    assert st["exit_code"] == 1
+    files = segments(env, run_id)
+    assert history(files[-1]) == {1: {"loss": 1.0}, 2: {"loss": 0.5}, 3: {"loss": 1.0 / 3}}
+    assert wandb_summary(files[-1])["exit_code"] == 1

@@ -45,11 +45,11 @@ def test_transformers_kill_after_a_checkpoint_and_resume_continue_one_run(env, s
     # the run ID is in the checkpoint's trainer state
     assert state["stateful_callbacks"]["SidecarCallback"]["attributes"]["run_id"] == run_id
 
-    resumed_args = ("--out", str(out_dir), "--record", str(resumed_record), "--resume", str(ckpt))
+    resumed_args = ("--out", str(out_dir), "--record", str(resumed_record), "--resume", str(ckpt), "--evaluate-after")
     out = finish_trainer(start_trainer(env, *resumed_args, script=SCRIPT), timeout=150)
     assert out["global_step"] == 40
     assert out["run_id"] == run_id  # taken back from trainer_state.json
-    assert out["closed"] is True  # on_train_end closed the run, confirmed by the sidecar
+    assert out["open"] is True  # open for evaluate() after train(); finished at the trainer's exit
 
     st = sc.wait_run(run_id, "finished", timeout=90)
     assert st["exit_code"] == 0
@@ -66,6 +66,7 @@ def test_transformers_kill_after_a_checkpoint_and_resume_continue_one_run(env, s
     first, resumed = rows(first_calls), rows(history_calls)
     assert sorted(resumed) == list(range(21, 41)) and max(first) >= 24
     assert "eval_loss" in resumed[40] and "loss" in resumed[40] and "grad_norm" in resumed[21]
+    assert "final_loss" in resumed[40]  # evaluate() after train(): the last step's row, same session
 
     files = segments(env, run_id)
     last = history(files[-1])

@@ -7,8 +7,10 @@ A seeded few-parameter MLP regression on random CPU data: 10 batches an epoch,
     --hang-at N     at global step N: flush, write --marker (the run ID), then hang (to be killed)
     --resume CKPT   Trainer.fit(ckpt_path=CKPT)
     --fail-at N     raise in training_step at global step N (Lightning finalizes "failed")
+    --test-after    trainer.test() after the fit, in the same process and run
 
-Prints one JSON line last: the run ID, the logger's version during the fit, close().
+Prints one JSON line last: the run ID, the logger's version during and after the
+fit, whether the run is still open after the fit (finished at exit).
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class Regression(pl.LightningModule):
         x, y = batch
         self.log("val/loss", F.mse_loss(self.net(x), y))
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/loss", F.mse_loss(self.net(x), y))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
@@ -102,6 +108,7 @@ def main() -> int:
     p.add_argument("--marker", type=Path, default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--fail-at", type=int, default=-1)
+    p.add_argument("--test-after", action="store_true", help="trainer.test() after the fit, in the same process")
     a = p.parse_args()
 
     pl.seed_everything(0, verbose=False)
@@ -122,12 +129,18 @@ def main() -> int:
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=a.root,
     )  # fmt: skip
     fit_raised = None
+    model = Regression(fail_at=a.fail_at)
     try:
-        trainer.fit(Regression(fail_at=a.fail_at), train, val, ckpt_path=a.resume)
+        trainer.fit(model, train, val, ckpt_path=a.resume)
     except Exception as exc:
         fit_raised = repr(exc)
+    open_after_fit = logger.client is not None
+    if a.test_after:
+        trainer.test(model, val, verbose=False)
+    # the run is finished at exit (close_at_exit), unless finalize("failed") did it already
     print(json.dumps({
-        "run_id": logger.run_id, "version_during_fit": SeeVersion.seen, "closed": logger.last_close,
+        "run_id": logger.run_id, "version_during_fit": SeeVersion.seen, "version_after_fit": logger.version,
+        "open_after_fit": open_after_fit, "closed": logger.last_close,
         "global_step": trainer.global_step, "fit_raised": fit_raised, "raised": None,
     }))  # fmt: skip
     return 0

@@ -7,8 +7,10 @@ every 20 steps and a checkpoint every 10.
     --record F      every (step, logs) the Trainer hands its callbacks in on_log, one JSON line a call
     --hang-at N     at global step N: flush, write --marker (the run ID), then hang (to be killed)
     --resume DIR    trainer.train(resume_from_checkpoint=DIR)
+    --evaluate-after  trainer.evaluate(metric_key_prefix="final") after train()
 
-Prints one JSON line last: the run ID, close().
+Prints one JSON line last: the run ID, whether the run is still open (it is
+finished at exit).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> int:
     p.add_argument("--hang-at", type=int, default=-1)
     p.add_argument("--marker", type=Path, default=None)
     p.add_argument("--resume", default=None)
+    p.add_argument("--evaluate-after", action="store_true", help="trainer.evaluate() after train(), same process and run")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -104,8 +107,11 @@ def main() -> int:
     train, test = Data(x[:80], y[:80]), Data(x[80:], y[80:])
     trainer = Trainer(model=Regression(), args=args, train_dataset=train, eval_dataset=test, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=a.resume)
+    if a.evaluate_after:
+        trainer.evaluate(metric_key_prefix="final")
+    # the run is finished at exit (close_at_exit)
     print(json.dumps({
-        "run_id": sidecar.run_id, "closed": sidecar.last_close, "global_step": trainer.state.global_step,
+        "run_id": sidecar.run_id, "open": sidecar.client is not None, "global_step": trainer.state.global_step,
         "raised": None,
     }))  # fmt: skip
     return 0

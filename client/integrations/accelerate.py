@@ -9,7 +9,9 @@
 
 A thin layer over ``client.MetricsClient``: ``store_init_configuration``
 starts the client with that config (the first ``log`` starts it if there is
-none), ``log`` is ``log``, ``finish`` is ``close``. ``tracker`` is the ``MetricsClient``. Accelerate gives
+none), ``log`` is ``log``, ``finish`` is ``close``. A run that never reaches
+``end_training()`` is finished when the process exits (exit code 1 after an
+uncaught exception). ``tracker`` is the ``MetricsClient``. Accelerate gives
 a custom tracker's constructor the project, not ``init_trackers``: the
 ``project_name`` passed there is not used. It imports only ``accelerate``.
 
@@ -28,7 +30,7 @@ from typing import Any, Mapping
 from accelerate.tracking import GeneralTracker
 
 from ..metrics_client import MetricsClient
-from ._common import open_or_update
+from ._common import close_at_exit, open_or_update
 
 log = logging.getLogger("kforge_sidecar.accelerate")
 
@@ -68,6 +70,7 @@ class SidecarTracker(GeneralTracker):
         self._config = config
         self._client_kwargs = client_kwargs
         self._client: MetricsClient | None = None
+        self._exit_hooked = False
         self.last_close: bool | None = None  # what finish()'s close returned
 
     # ----------------------------------------------------------- GeneralTracker
@@ -121,6 +124,9 @@ class SidecarTracker(GeneralTracker):
             self._client = open_or_update(self._client, self._make_client, self._config, config)
             if self._client.run_id is not None:
                 self.run_id = self._client.run_id
+            if not self._exit_hooked:
+                self._exit_hooked = True  # without end_training(): finished at exit (1 after an uncaught exception)
+                close_at_exit(lambda exit_code: self.close(exit_code=exit_code))
         return self._client
 
     def _make_client(self, config: Any) -> MetricsClient:
@@ -141,4 +147,5 @@ class SidecarTracker(GeneralTracker):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None
+        state["_exit_hooked"] = False
         return state

@@ -8,9 +8,12 @@
 
 A thin layer over ``client.MetricsClient``: ``log_metrics`` is ``log`` (with
 Lightning's step), ``log_hyperparams`` goes into the run's config (in the
-client's hello when it is the first call, else ``update_config``), ``finalize``
-is ``close`` ("failed" finishes the run as failed, exit code 1). It imports only
-Lightning (``lightning``, else the older ``pytorch_lightning`` package).
+client's hello when it is the first call, else ``update_config``), and
+``finalize("failed")`` is ``close(exit_code=1)``. Any other ``finalize`` keeps
+the run open for the next stage (``trainer.test`` after ``fit`` logs at the
+fit's last step, into the same session); the run is finished when the process
+exits (exit code 1 after an uncaught exception), or by ``close()``. It imports
+only Lightning (``lightning``, else the older ``pytorch_lightning`` package).
 
 The run ID travels in the checkpoint through what Lightning restores: a
 ``Callback``'s ``state_dict``/``load_state_dict``. Lightning saves and restores
@@ -45,7 +48,7 @@ except ImportError:  # the standalone package (pip install pytorch-lightning)
     from pytorch_lightning.utilities import rank_zero_only  # type: ignore[no-redef]
 
 from ..metrics_client import MetricsClient
-from ._common import open_or_update
+from ._common import close_at_exit, open_or_update
 
 log = logging.getLogger("kforge_sidecar.lightning")
 
@@ -109,6 +112,7 @@ class SidecarLogger(Logger, Callback):
         self._client_kwargs = client_kwargs
         self._client: MetricsClient | None = None
         self._fit_started = False
+        self._exit_hooked = False
         self.last_close: bool | None = None  # what the last finalize()'s close returned
 
     # ----------------------------------------------------------- Logger
@@ -124,8 +128,12 @@ class SidecarLogger(Logger, Callback):
 
     @property
     def version(self) -> str:
-        """The run ID; ``""`` until the fit has started (the checkpoint may still bring one)."""
-        if self._client is None and self._fit_started and rank_zero_only.rank == 0:
+        """The run ID; ``""`` until the fit has started (the checkpoint may still bring one).
+
+        Reading it never re-opens a run that ``finalize`` closed: a session opened
+        and never closed would end the run as failed.
+        """
+        if self._run_id is None and self._client is None and self._fit_started and rank_zero_only.rank == 0:
             self._ensure_client()
         return self._run_id or ""
 
@@ -158,7 +166,7 @@ class SidecarLogger(Logger, Callback):
         elif dataclasses.is_dataclass(params) and not isinstance(params, type):
             values = dataclasses.asdict(params)
         else:
-            log.warning("kforge-sidecar: hyperparameters of type %s are not a mapping; not logged", type(params).__name__)
+            log.warning("kforge-sidecar: hyperparameters of type %s are not logged", type(params).__name__)
             return
         self._ensure_client(values)
 
@@ -170,16 +178,26 @@ class SidecarLogger(Logger, Callback):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        """Finish the run: exit code 1 for "failed", else 0. Bounded by ``close_timeout``.
+        """"failed": finish the run now, as failed (exit code 1), within ``close_timeout``.
 
-        Lightning calls this at the end of every ``fit``/``validate``/``test``; a
-        later log re-opens the same run (same run ID).
+        Any other status ("success" after each ``fit``/``validate``/``test``,
+        "finished" on a requeue signal) keeps the run open for the next stage;
+        it is finished when the process exits (exit code 1 after an uncaught
+        exception, else 0), or by ``close()``.
         """
+        if status == "failed":
+            self.close(exit_code=1)
+
+    def close(self, timeout: float | None = None, exit_code: int = 0) -> bool:
+        """Finish the run now (bounded by ``timeout``, default ``close_timeout``). A later
+        log opens a new session of the same run."""
         client = self._client
         if client is None:
-            return
+            return True
         self._client = None
-        self.last_close = client.close(timeout=self._close_timeout, exit_code=1 if status == "failed" else 0)
+        timeout = self._close_timeout if timeout is None else timeout
+        self.last_close = client.close(timeout=timeout, exit_code=exit_code)
+        return self.last_close
 
     # ----------------------------------------------------------- Callback: the run ID in the checkpoint
 
@@ -216,6 +234,9 @@ class SidecarLogger(Logger, Callback):
             self._client = open_or_update(self._client, self._make_client, self._config, config)
             if self._client.run_id is not None:
                 self._run_id = self._client.run_id
+            if not self._exit_hooked:
+                self._exit_hooked = True
+                close_at_exit(lambda exit_code: self.close(exit_code=exit_code))
         return self._client
 
     def _make_client(self, config: Any) -> MetricsClient:
@@ -234,6 +255,7 @@ class SidecarLogger(Logger, Callback):
         # sender thread and socket stay with the process that made them.
         state = self.__dict__.copy()
         state["_client"] = None
+        state["_exit_hooked"] = False
         return state
 
     def __repr__(self) -> str:

@@ -13,8 +13,12 @@ A thin layer over ``client.MetricsClient``:
   evaluation's ``eval_*`` dict); the end-of-training totals (``train_runtime``,
   ``train_loss``, ...) go to the run's summary (``update_summary``), as HF's own
   wandb callback does;
-- ``on_train_end``: ``close`` (exit code 0); a later log (``trainer.evaluate()``
-  after ``train()``) re-opens the same run.
+- the run is finished when the process exits: exit code 1 after an uncaught
+  exception (a ``train()`` that raised: the Trainer has no failure hook),
+  else 0; or by ``close()``. Not at ``on_train_end``: a ``trainer.evaluate()``
+  after ``train()`` logs at the last training step, and as a new session of a
+  finished run, the sidecar would take that row for a resume from an earlier
+  checkpoint and rewind over the last training row.
 
 The run ID is kept in the checkpoint's ``trainer_state.json``: the callback is
 an ``ExportableState``, so the Trainer writes ``state()`` (the run ID) into
@@ -32,7 +36,7 @@ from typing import Any, Mapping
 from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ..metrics_client import MetricsClient
-from ._common import open_or_update
+from ._common import close_at_exit, open_or_update
 
 log = logging.getLogger("kforge_sidecar.transformers")
 
@@ -51,7 +55,7 @@ class SidecarCallback(TrainerCallback, ExportableState):
         project, name, run_id, config, address: as for ``MetricsClient``. ``run_id``
             continues a known run (it wins over one restored from a checkpoint);
             ``config`` is sent besides the ``TrainingArguments``.
-        close_timeout: how long ``on_train_end`` may wait for the sidecar (seconds).
+        close_timeout: how long finishing the run (at exit, or ``close()``) may wait for the sidecar (seconds).
         **client_kwargs: passed to ``MetricsClient`` (``wandb_init``, ``buffer_size``, ...).
     """
 
@@ -75,11 +79,12 @@ class SidecarCallback(TrainerCallback, ExportableState):
         self._config = config
         self._client_kwargs = client_kwargs
         self._client: MetricsClient | None = None
-        self.last_close: bool | None = None  # what on_train_end's close returned
+        self._exit_hooked = False
+        self.last_close: bool | None = None  # what the last close() returned
 
     @property
     def client(self) -> MetricsClient | None:
-        """The underlying client; None before training starts (and after it ends)."""
+        """The underlying client; None before training starts (and after ``close()``)."""
         return self._client
 
     # ----------------------------------------------------------- ExportableState
@@ -127,12 +132,15 @@ class SidecarCallback(TrainerCallback, ExportableState):
             is_eval = any(k.startswith("eval_") for k in values)
             (client.log_eval if is_eval else client.log)(values, step=state.global_step)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def close(self, timeout: float | None = None, exit_code: int = 0) -> bool:
+        """Finish the run now (bounded by ``timeout``, default ``close_timeout``); done at
+        exit otherwise. A later log opens a new session of the same run."""
         client = self._client
         if client is None:
-            return
+            return True
         self._client = None
-        self.last_close = client.close(timeout=self.close_timeout, exit_code=0)
+        self.last_close = client.close(timeout=self.close_timeout if timeout is None else timeout, exit_code=exit_code)
+        return self.last_close
 
     # ----------------------------------------------------------- internals
 
@@ -164,9 +172,13 @@ class SidecarCallback(TrainerCallback, ExportableState):
             self._client = open_or_update(self._client, make, self._config, config)
             if self._client.run_id is not None:
                 self.run_id = self._client.run_id
+            if not self._exit_hooked:
+                self._exit_hooked = True
+                close_at_exit(lambda exit_code: self.close(exit_code=exit_code))
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None  # a sender thread and a socket do not travel
+        state["_exit_hooked"] = False
         return state
