@@ -10,9 +10,10 @@ A thin layer over ``client.MetricsClient``: ``log_metrics`` is ``log`` (with
 Lightning's step), ``log_hyperparams`` goes into the run's config (in the
 client's hello when it is the first call, else ``update_config``), and
 ``finalize("failed")`` is ``close(exit_code=1)``. Any other ``finalize`` keeps
-the run open for the next stage (``trainer.test`` after ``fit`` logs at the
-fit's last step, into the same session); the run is finished when the process
-exits (exit code 1 after an uncaught exception), or by ``close()``. It imports
+the run open for the next stage (a ``trainer.test`` after ``fit``, in the same
+session: a new session of a finished run whose first row is at the run's last
+step would be taken for a resume and rewound over); the run is finished when
+the process exits (exit code 1 after an uncaught exception), or by ``close()``. It imports
 only Lightning (``lightning``, else the older ``pytorch_lightning`` package).
 
 The run ID travels in the checkpoint through what Lightning restores: a
