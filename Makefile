@@ -17,11 +17,12 @@ WANDB_TESTS := tests/test_e2e.py tests/test_transaction_log.py tests/test_wandb_
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch resolves to the newest CUDA build (gigabytes)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[sidecar,demo,test]'
+	# the frameworks (test extra) under the same torch pin: -c keeps them from upgrading it
+	$(PY) -m pip install -q -c tests/constraints.txt -e '.[sidecar,demo,test,frameworks]'
 	touch $(STAMP)
 
 demo: $(STAMP)
