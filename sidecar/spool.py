@@ -206,6 +206,7 @@ class UploaderState:
     clock: dict[str, Any] | None = None  # the StepClock at ``offset`` (sidecar/steps.py)
     step_offset: int = 0  # wandb's _step minus the trainer's step (a resume on a server without rewind)
     rewind_refused: bool = False  # this run's backend has no rewind: resumes are appended
+    config: dict[str, Any] = field(default_factory=dict)  # config after the first hello (updates, resumed hellos)
     uploaded: int = 0  # metrics frames handed to wandb (>= trusted)
     late: int = 0  # rows wandb could not place (below the run's current step), not handed
     last_step: int | None = None

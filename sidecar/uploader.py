@@ -176,6 +176,8 @@ class Uploader:
         if isinstance(msg, Hello):
             self._clock.hello(msg.session)
             self._trainer = msg
+            if msg.config:  # a resumed trainer's config: the run's config follows it
+                self._update_config(msg.config)
         elif isinstance(msg, Metrics):
             before = self._clock.top
             step, how = self._clock.place(msg.session, msg.step, msg.commit)
@@ -205,7 +207,7 @@ class Uploader:
             if self.run is None and not self._init(meta):
                 return False
             if isinstance(msg, ConfigUpdate):
-                self.run.config.update(msg.values, allow_val_change=True)
+                self._update_config(msg.values)
             else:
                 self.run.summary.update(msg.values)
         elif isinstance(msg, Close):
@@ -214,6 +216,13 @@ class Uploader:
             self._finish(msg.exit_code)
             return False
         return True  # Refused: nothing for wandb
+
+    def _update_config(self, values: dict) -> None:
+        """Config that came after the first hello: kept in uploader.json, so that every later
+        wandb segment of the run (a rewind, a restart, sync) starts with it too."""
+        self.state.config.update(values)
+        if self.run is not None:
+            self.run.config.update(values, allow_val_change=True)
 
     def _count_late(self, step: int) -> None:
         self._late += 1
@@ -337,7 +346,8 @@ class Uploader:
         else:
             opts["id"] = meta.run_id
             opts["resume"] = "allow"  # a deleted run comes back as a fresh one under this ID
-        return wandb.init(project=meta.project or None, name=meta.name, config=meta.config, settings=settings, **opts)
+        config = {**meta.config, **self.state.config}
+        return wandb.init(project=meta.project or None, name=meta.name, config=config, settings=settings, **opts)
 
     def _sentinel(self, reason: str) -> bool:
         reason = " ".join(reason.split())[:500]

@@ -352,3 +352,28 @@ def test_every_value_kind_lands_as_wandb_stores_it(env, sidecar):
         "t_f64": 0.1, "t_i64": 2**40, "t_bool": True,
     }  # fmt: skip
     assert math.isclose(got["t_bf16"], 0.10009765625)
+
+
+def test_config_updates_reach_every_later_segment_of_the_run(env, sidecar):
+    """A resume re-initialises wandb: the new segment starts with the first config, every
+    update since, and the resumed trainer's own config."""
+    sc = sidecar()
+    body = """
+        first = not sys.argv[1]
+        mc = MetricsClient(run_id=(sys.argv[1] or None), config={"lr": 1.0} if first else {"phase": "resume"})
+        start = 1 if first else 6
+        for step in range(start, start + 5):
+            mc.log({"loss": 1.0 / step}, step=step)
+        if first:
+            mc.update_config({"lr": 2.0, "extra": 3})
+        closed = mc.close(timeout=30)
+    """
+    run_id = run_script(env, body, "")["run_id"]
+    sc.wait_run(run_id, "finished")
+    assert run_script(env, body, run_id)["run_id"] == run_id
+    wait_for(lambda: (r := sc.run(run_id)) and r["state"] == "finished" and r["pending"] == 0, 60, what="resumed run finished")
+    files = segments(env, run_id)
+    assert len(files) == 2
+    assert wandb_summary(files[-1])["config"] == {"lr": 2.0, "extra": 3, "phase": "resume"}
+    rows, _ = all_history(env.wandb_dir, run_id)
+    assert rows == {s: {"loss": 1.0 / s} for s in range(1, 11)}
