@@ -168,6 +168,7 @@ class MetricsClient:
         wandb_init: Mapping[str, Any] | None = None,
         buffer_size: int = 100_000,
         rank: int | None = None,
+        finish_at_exit: bool = False,
     ):
         self.project = project
         self.name = name
@@ -203,8 +204,13 @@ class MetricsClient:
         if unknown:
             raise ValueError(f"wandb_init keys {sorted(unknown)} are not among {protocol.WANDB_INIT_KEYS}")
         self._transport: Transport | None = None
+        # At interpreter exit, finish the run (exit code 1 after an uncaught exception), as
+        # in-process wandb does; otherwise an unclosed client only pushes out its buffer.
+        self._finish_at_exit = finish_at_exit
         if self._inert:
             return
+        if finish_at_exit:
+            _watch_uncaught()
         self._outbox: deque = deque(maxlen=buffer_size)
         self._transport = Transport(
             address=self.address,
@@ -493,12 +499,36 @@ def _after_fork_in_child() -> None:
     _live.clear()
 
 
+_uncaught: list[BaseException] = []  # an uncaught exception is ending the interpreter
+_excepthook_wrapped = False
+FINISH_AT_EXIT_TIMEOUT = 10.0  # seconds a finish_at_exit client's close may take at exit
+
+
+def _watch_uncaught() -> None:
+    global _excepthook_wrapped
+    if _excepthook_wrapped:
+        return
+    _excepthook_wrapped = True
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        _uncaught.append(exc)
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
 def _at_exit() -> None:
-    # A client that was never closed: push out what is buffered, briefly, but
-    # do not finish the run (the process may be exiting on an exception).
+    # A client that was never closed: with finish_at_exit, finish its run (1 after an
+    # uncaught exception); otherwise push out what is buffered, briefly, but do not
+    # finish the run (the process may be exiting on an exception).
     for client in list(_live):
         t = client._transport
-        if t is not None and not client._closed:
+        if t is None or client._closed:
+            continue
+        if client._finish_at_exit:
+            client.close(timeout=FINISH_AT_EXIT_TIMEOUT, exit_code=1 if _uncaught else 0)
+        else:
             t.wait_acked(client._last_seq, 2.0)
             t.stop(0.5)
 

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from client.protocol import RUN_ID_RE, Limits, Record, decode_request
+from client import protocol
+from client.protocol import RUN_ID_RE, Limits, decode_request
 
 log = logging.getLogger("kforge_sidecar.spool")
 
@@ -40,7 +41,7 @@ MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
 TRUSTED_LIMITS = Limits(max_frame_bytes=MAX_RECORD, max_hello_bytes=MAX_RECORD, max_scalars=1 << 20)
 
 
-def decode_record(payload: bytes) -> Record:
+def decode_record(payload: bytes) -> protocol.Record:
     """One frames.log record as its message (a client frame, or the receiver's ``refused``)."""
     return decode_request(payload, TRUSTED_LIMITS, spool=True)  # type: ignore[return-value]
 

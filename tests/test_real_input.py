@@ -7,7 +7,6 @@ accepted may be lost, nothing logged earlier may be erased.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 from client import MetricsClient, protocol
 from client.values import short_key
-from conftest import ROOT, all_history, finish_trainer, start_trainer, wait_for, wandb_records, wandb_summary
+from conftest import all_history, finish_trainer, start_trainer, wait_for, wandb_records, wandb_summary
 
 HEAD = """
 import json, math, sys

@@ -137,7 +137,7 @@ def main() -> int:
     open_after_fit = logger.client is not None
     if a.test_after:
         trainer.test(model, val, verbose=False)
-    # the run is finished at exit (close_at_exit), unless finalize("failed") did it already
+    # the run is finished at exit (MetricsClient's finish_at_exit), unless finalize("failed") did it already
     print(json.dumps({
         "run_id": logger.run_id, "version_during_fit": SeeVersion.seen, "version_after_fit": logger.version,
         "open_after_fit": open_after_fit, "closed": logger.last_close,

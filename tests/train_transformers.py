@@ -109,7 +109,7 @@ def main() -> int:
     trainer.train(resume_from_checkpoint=a.resume)
     if a.evaluate_after:
         trainer.evaluate(metric_key_prefix="final")
-    # the run is finished at exit (close_at_exit)
+    # the run is finished at exit (MetricsClient's finish_at_exit)
     print(json.dumps({
         "run_id": sidecar.run_id, "open": sidecar.client is not None, "global_step": trainer.state.global_step,
         "raised": None,

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from accelerate.tracking import GeneralTracker
 
 from ..metrics_client import MetricsClient
-from ._common import close_at_exit, open_or_update
+from ._common import open_or_update
 
 log = logging.getLogger("kforge_sidecar.accelerate")
 
@@ -70,7 +70,6 @@ class SidecarTracker(GeneralTracker):
         self._config = config
         self._client_kwargs = client_kwargs
         self._client: MetricsClient | None = None
-        self._exit_hooked = False
         self.last_close: bool | None = None  # what finish()'s close returned
 
     # ----------------------------------------------------------- GeneralTracker
@@ -124,9 +123,6 @@ class SidecarTracker(GeneralTracker):
             self._client = open_or_update(self._client, self._make_client, self._config, config)
             if self._client.run_id is not None:
                 self.run_id = self._client.run_id
-            if not self._exit_hooked:
-                self._exit_hooked = True  # without end_training(): finished at exit (1 after an uncaught exception)
-                close_at_exit(lambda exit_code: self.close(exit_code=exit_code))
         return self._client
 
     def _make_client(self, config: Any) -> MetricsClient:
@@ -136,6 +132,7 @@ class SidecarTracker(GeneralTracker):
 
             kwargs["rank"] = PartialState().process_index
         return MetricsClient(
+            finish_at_exit=True,  # finished at process exit: 1 after an uncaught exception
             project=self.project,
             name=self.run_name,
             run_id=self.run_id,
@@ -147,5 +144,4 @@ class SidecarTracker(GeneralTracker):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None
-        state["_exit_hooked"] = False
         return state

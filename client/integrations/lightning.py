@@ -49,7 +49,7 @@ except ImportError:  # the standalone package (pip install pytorch-lightning)
     from pytorch_lightning.utilities import rank_zero_only  # type: ignore[no-redef]
 
 from ..metrics_client import MetricsClient
-from ._common import close_at_exit, open_or_update
+from ._common import open_or_update
 
 log = logging.getLogger("kforge_sidecar.lightning")
 
@@ -113,7 +113,6 @@ class SidecarLogger(Logger, Callback):
         self._client_kwargs = client_kwargs
         self._client: MetricsClient | None = None
         self._fit_started = False
-        self._exit_hooked = False
         self.last_close: bool | None = None  # what the last finalize()'s close returned
 
     # ----------------------------------------------------------- Logger
@@ -235,13 +234,11 @@ class SidecarLogger(Logger, Callback):
             self._client = open_or_update(self._client, self._make_client, self._config, config)
             if self._client.run_id is not None:
                 self._run_id = self._client.run_id
-            if not self._exit_hooked:
-                self._exit_hooked = True
-                close_at_exit(lambda exit_code: self.close(exit_code=exit_code))
         return self._client
 
     def _make_client(self, config: Any) -> MetricsClient:
         return MetricsClient(
+            finish_at_exit=True,  # finished at process exit: 1 after an uncaught exception
             project=self._project,
             name=self._name,
             run_id=self._run_id,
@@ -256,7 +253,6 @@ class SidecarLogger(Logger, Callback):
         # sender thread and socket stay with the process that made them.
         state = self.__dict__.copy()
         state["_client"] = None
-        state["_exit_hooked"] = False
         return state
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ..metrics_client import MetricsClient
-from ._common import close_at_exit, open_or_update
+from ._common import open_or_update
 
 log = logging.getLogger("kforge_sidecar.transformers")
 
@@ -79,7 +79,6 @@ class SidecarCallback(TrainerCallback, ExportableState):
         self._config = config
         self._client_kwargs = client_kwargs
         self._client: MetricsClient | None = None
-        self._exit_hooked = False
         self.last_close: bool | None = None  # what the last close() returned
 
     @property
@@ -161,6 +160,7 @@ class SidecarCallback(TrainerCallback, ExportableState):
                 kwargs = dict(self._client_kwargs)
                 kwargs.setdefault("rank", getattr(args, "process_index", None))
                 return MetricsClient(
+                    finish_at_exit=True,  # finished at process exit: 1 after an uncaught exception
                     project=self.project,
                     name=self.name,
                     run_id=self.run_id,
@@ -172,13 +172,9 @@ class SidecarCallback(TrainerCallback, ExportableState):
             self._client = open_or_update(self._client, make, self._config, config)
             if self._client.run_id is not None:
                 self.run_id = self._client.run_id
-            if not self._exit_hooked:
-                self._exit_hooked = True
-                close_at_exit(lambda exit_code: self.close(exit_code=exit_code))
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None  # a sender thread and a socket do not travel
-        state["_exit_hooked"] = False
         return state
