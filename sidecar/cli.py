@@ -20,12 +20,12 @@ from client import protocol
 from client.address import ENV_ADDRESS, resolve_address
 
 from .config import ServeConfig
+from .exits import EXIT_NOT_FOUND, EXIT_USAGE
 from .proc import pid_alive as _alive
 from .retention import DEFAULT_RETAIN, RetentionPolicy, parse_duration, parse_size
 from .spool import Spool, default_spool_dir
 
 PROG = "kforge-sidecar"
-EXIT_USAGE = 2  # a mistake on the command line (click's own code for usage errors)
 
 app = typer.Typer(
     add_completion=False,
@@ -345,7 +345,7 @@ def run(
     started. SIGTERM/SIGINT go to COMMAND first. Inside a SLURM job with no address given,
     the socket is per job. Exit status: COMMAND's (128+N if signal N killed it; 125 if no
     sidecar could be started, 126/127 if COMMAND cannot be executed / is not found)."""
-    from .launcher import EXIT_NOT_FOUND, job_address, job_spool_dir, run_command
+    from .launcher import job_address, job_spool_dir, run_command
 
     if command and command[0] == "--":  # click keeps a `--` that follows the options
         command = command[1:]

@@ -34,13 +34,10 @@ from client.address import ENV_ADDRESS, default_socket_dir, ipc_path
 from .config import ServeConfig
 from .spool import default_spool_dir
 from .proc import pid_alive
-from .server import EXIT_IN_USE
+from .exits import EXIT_CANNOT_EXECUTE, EXIT_IN_USE, EXIT_NO_SIDECAR, EXIT_NOT_FOUND
 
 log = logging.getLogger("kforge_sidecar.run")
 
-EXIT_NO_SIDECAR = 125
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 READY_TIMEOUT = 30.0  # seconds a new sidecar gets to answer
 STOP_MARGIN = 15.0  # seconds beyond --drain-timeout for the sidecar to exit
 

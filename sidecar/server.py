@@ -28,6 +28,7 @@ import zmq
 from client.address import SocketDirError, ensure_socket_dir, ipc_path
 
 from .config import ServeConfig
+from .exits import EXIT_IN_USE, EXIT_OK, EXIT_UNSAFE
 from .proc import pid_alive, redirect_stderr
 from .receiver import Receiver, RunState
 from .retention import describe, format_bytes, format_duration, plan, remove_run, sweep_trash
@@ -41,9 +42,6 @@ SUPERVISE_EVERY = 0.2  # seconds between supervisor ticks
 MEASURE_EVERY = 2.0  # seconds between measurements of the spool's size and free space
 OVER_CAP_LOG_EVERY = 600.0  # seconds between warnings that the spool is over its cap
 
-EXIT_OK = 0
-EXIT_IN_USE = 1
-EXIT_UNSAFE = 2  # also: an unusable spool directory (a user's fix, not a restart's)
 
 
 class StartupError(RuntimeError):
@@ -387,6 +385,11 @@ def _lock_file(path: Path, busy: str) -> int:
     """Hold an exclusive lock on ``path`` (with our pid in it) for the process's life.
 
     The kernel drops it when we die, so a crashed sidecar never blocks the next.
+
+    The file's format is a contract: the sidecar's pid in ASCII decimal, then a newline,
+    and nothing else (at most 32 bytes are read). A second sidecar names the owner from
+    it, and ``deploy/slurm/epilog.sh`` reads it (``head -c 32 | tr -dc 0-9``) to SIGTERM
+    the job's sidecar, then waits on the flock for it to drain. Change both or neither.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -23,10 +23,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .config import ServeConfig
+from .exits import EXIT_RETRY
 from .proc import children
 from .receiver import RunState
 from .spool import UploaderState
-from .uploader import EXIT_RETRY
 
 log = logging.getLogger("kforge_sidecar.supervisor")
 

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client import protocol
 
 from .spool import RunSpool, Spool, decode_record
-from .uploader import EXIT_DONE, EXIT_LOCKED
+from .exits import EXIT_DONE, EXIT_LOCKED
 
 
 @dataclass

@@ -24,10 +24,11 @@ The cursor only moves past what wandb has really kept:
   and wandb itself drops the steps the server already has on resume.
 A hard kill therefore never loses frames, and replays at most a few seconds.
 
-Exit codes: 0 done (finished, failed for good, or drained); 75 a transient
-failure (backend unreachable, 5xx, finish timed out): the supervisor starts a
-fresh process after a backoff, since wandb cannot re-init the same run ID in
-one process; 1 crashed (also restarted); 3 another uploader holds the run.
+Exit codes (exits.py): EXIT_DONE (finished, failed for good, or drained);
+EXIT_RETRY a transient failure (backend unreachable, 5xx, finish timed out):
+the supervisor starts a fresh process after a backoff, since wandb cannot
+re-init the same run ID in one process; EXIT_CRASHED (also restarted);
+EXIT_LOCKED another uploader holds the run.
 """
 
 from __future__ import annotations
@@ -50,15 +51,12 @@ from typing import Any
 
 from client.protocol import Close, ConfigUpdate, Hello, Metrics, SummaryUpdate
 
+from .exits import EXIT_CRASHED, EXIT_DONE, EXIT_LOCKED, EXIT_RETRY
 from .spool import RunMeta, RunSpool, decode_record
 from .steps import StepClock
 
 log = logging.getLogger("kforge_sidecar.uploader")
 
-EXIT_DONE = 0
-EXIT_CRASHED = 1
-EXIT_LOCKED = 3
-EXIT_RETRY = 75  # EX_TEMPFAIL
 
 # Failures that no retry can fix: the sentinel, not a retry loop.
 _PERMANENT = re.compile(
