@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Callable, List, NoReturn, Optional
 
 import typer
-import zmq
 
-from client import protocol
 from client.address import ENV_ADDRESS, resolve_address
 
 from .config import ServeConfig
+from .control import ControlRefused
+from .control import request as control_request
 from .exits import EXIT_NOT_FOUND, EXIT_USAGE
 from .proc import pid_alive as _alive
 from .retention import DEFAULT_RETAIN, RetentionPolicy, parse_duration, parse_size
@@ -199,36 +199,11 @@ def _setup_logging(level: str) -> None:
 
 
 def control(address: str, request: str, timeout: float) -> dict | None:
-    """Send a control request to a running sidecar; None if none answers in time."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    # No IMMEDIATE: with it (and LINGER 0) the pipe is torn down when the sidecar disconnects,
-    # and a reply not yet read goes with it; `stop` lost the reply to "stop" that way, as the
-    # sidecar closes its socket right after sending it. Without it, an unanswered request just
-    # waits out the timeout.
+    """control.request, with a refusal as a usage error (one line on stderr)."""
     try:
-        sock.connect(address)
-        deadline = time.monotonic() + timeout
-        sent = False
-        while time.monotonic() < deadline:
-            if not sent:
-                try:
-                    sock.send(protocol.encode(protocol.Control(t=request)), zmq.NOBLOCK)
-                    sent = True
-                except zmq.Again:  # not connected (yet)
-                    time.sleep(0.02)
-                    continue
-            if sock.poll(50):
-                msg = protocol.decode_response(sock.recv())
-                if isinstance(msg, protocol.Reply):
-                    return msg.body
-                if isinstance(msg, protocol.Error):
-                    raise typer.BadParameter(f"sidecar refused the request: {msg.reason}")
-        return None
-    finally:
-        sock.close(linger=0)
-        ctx.term()
+        return control_request(address, request, timeout)
+    except ControlRefused as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _serve_config(

@@ -29,9 +29,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from client.address import ENV_ADDRESS, default_socket_dir, ipc_path
+from client.address import ENV_ADDRESS, default_socket_dir
 
 from .config import ServeConfig
+from .control import serving
 from .spool import default_spool_dir
 from .proc import pid_alive
 from .exits import EXIT_CANNOT_EXECUTE, EXIT_IN_USE, EXIT_NO_SIDECAR, EXIT_NOT_FOUND
@@ -96,20 +97,6 @@ def serve_argv(cfg: ServeConfig) -> list[str]:
     if cfg.metrics_textfile is not None:
         argv += ["--metrics-textfile", str(cfg.metrics_textfile)]
     return argv
-
-
-def serving(address: str, timeout: float = 2.0) -> dict | None:
-    """The ``sidecar`` part of the status of whoever serves ``address``, or None."""
-    from .cli import control
-
-    path = ipc_path(address)
-    if path is not None and not path.exists():
-        return None  # nothing bound there: no need to wait for an answer
-    try:
-        body = control(address, "status", timeout)
-    except Exception:  # something answered, but not a sidecar we can talk to
-        return None
-    return (body or {}).get("sidecar")
 
 
 class Launcher:

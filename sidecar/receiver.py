@@ -20,7 +20,6 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgpack
 import zmq
@@ -100,7 +99,7 @@ class RunState:
 
 
 class Receiver:
-    def __init__(self, spool: Spool, limits: protocol.Limits, on_control: Callable[[str], dict], max_runs: int = 64):
+    def __init__(self, spool: Spool, limits: protocol.Limits, max_runs: int = 64):
         self.spool = spool
         self.host = socket.gethostname()
         self.limits = limits
@@ -110,7 +109,6 @@ class Receiver:
         self.rejected: Counter[str] = Counter()
         self.duplicates = 0
         self.disk_error: str | None = None
-        self._on_control = on_control
         # replies that wait for the next commit
         self._replies: list[tuple[bytes, bytes]] = []
         self._acks: dict[str, Session] = {}
@@ -170,21 +168,21 @@ class Receiver:
 
     # ---------------------------------------------------------------- frames
 
-    def handle(self, parts: list[bytes]) -> None:
-        """One message from the ROUTER socket: [identity, frame]."""
+    def handle(self, parts: list[bytes]) -> Control | None:
+        """One message from the ROUTER socket: [identity, frame]. A control request is
+        not the receiver's: it is returned, for the server to answer with ``reply``."""
         if len(parts) != 2:
             self._reject(parts[0], ProtocolError("malformed", f"{len(parts) - 1} frame parts, expected 1"))
-            return
+            return None
         identity, raw = parts
         try:
             msg = protocol.decode_request(raw, self.limits)
         except ProtocolError as exc:
             if not self._refuse(identity, exc, raw):
                 self._reject(identity, exc, raw)
-            return
+            return None
         if isinstance(msg, Control):
-            self._send(identity, protocol.Reply(body=self._on_control(msg.t)))
-            return
+            return msg  # the server's to answer (``reply``)
         sess = self.sessions.get(msg.session)
         if sess is not None:
             sess.last_seen = time.monotonic()
@@ -195,6 +193,11 @@ class Receiver:
             self._hello(identity, msg, raw)
         else:
             self._frame(identity, msg, raw)
+        return None
+
+    def reply(self, identity: bytes, body: dict) -> None:
+        """Answer a control request; it leaves with the next commit, as every reply does."""
+        self._send(identity, protocol.Reply(body=body))
 
     def _hello(self, identity: bytes, msg: Hello, raw: bytes) -> None:
         sess = self.sessions.get(msg.session)

@@ -54,7 +54,7 @@ class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir)
-        self.receiver = Receiver(self.spool, cfg.limits, self._control, max_runs=cfg.max_runs)
+        self.receiver = Receiver(self.spool, cfg.limits, max_runs=cfg.max_runs)
         self.supervisor = Supervisor(cfg)
         self.started = time.time()
         self.stopping = False
@@ -186,7 +186,9 @@ class Server:
                     except zmq.Again:
                         break
                     try:
-                        self.receiver.handle(parts)
+                        request = self.receiver.handle(parts)
+                        if request is not None:
+                            self.receiver.reply(parts[0], self.control(request.t))
                     except Exception as exc:  # one message's bug must not stop every trainer's frames
                         self.receiver.internal_error(exc, parts)
             now = time.monotonic()
@@ -311,7 +313,8 @@ class Server:
                 return True
         return False
 
-    def _control(self, request: str) -> dict:
+    def control(self, request: str) -> dict:
+        """A control request (control.py): ``stop`` drains; anything else is ``status``."""
         if request == "stop":
             log.info("stop requested: draining")
             self.stopping = True
