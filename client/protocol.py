@@ -49,11 +49,11 @@ from typing import Any, Mapping, Union
 
 import msgpack
 
+from .ids import RUN_ID_RE  # noqa: F401  (part of the protocol: a hello's run_id)
+
 PROTOCOL_VERSION = 1
 
 KINDS = ("train", "eval")
-# wandb run IDs: letters, digits, dash and underscore; also a spool directory name.
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 # Per-run wandb.init options a client may set; everything else comes from the
 # sidecar's environment. "base_url" goes into wandb.Settings.

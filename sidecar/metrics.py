@@ -37,12 +37,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .config import ServeConfig
+from .spool import UploadState
 
 log = logging.getLogger("kforge_sidecar.metrics")
 
 NS = "kforge_sidecar"
 SNAPSHOT_EVERY = 1.0  # seconds
-STATES = ("waiting", "initializing", "live", "retrying", "failed", "finished")
+STATES = tuple(s.value for s in UploadState)
 REJECT_REASONS = ("malformed", "version", "unknown_type", "bad_field", "bad_value", "too_many", "oversize")
 FAILURE_REASONS = ("retry", "wedged", "crash")
 COUNTED = ("received", "acknowledged", "uploaded", "client_dropped")  # per run, summed into counters

@@ -28,8 +28,9 @@ from client import protocol
 from client.protocol import Close, ConfigUpdate, Control, Hello, Metrics, Ping, ProtocolError, Refused, SummaryUpdate
 
 from .proc import pid_alive
-from .spool import RunMeta, RunSpool, Spool, UploaderState, decode_record
-from .steps import StepClock
+from .record import RunRecord, messages
+from .spool import Record as SpoolRecord
+from .spool import RunMeta, RunSpool, Spool
 
 log = logging.getLogger("kforge_sidecar.receiver")
 
@@ -58,44 +59,29 @@ class Session:
 
 
 @dataclass
-class RunState:
-    """What the receiver knows of one run (rebuilt from the spool on start)."""
+class Committed:
+    """A run as of its last successful commit, to roll back to if an fsync fails."""
+
+    log_size: int
+    record: RunRecord  # RunRecord.counts()
+    seqs: dict[str, int]  # each of its sessions' highest seq
+
+
+@dataclass(kw_only=True)
+class RunState(RunRecord):
+    """What the receiver knows of one run: the fold over its records (rebuilt from the
+    spool on start), and what only a live receiver knows."""
 
     spool: RunSpool
     meta: RunMeta
-    received: int = 0  # metrics frames in the spool
-    closed: bool = False
-    exit_code: int | None = None
     client_dropped: int = 0  # frames the clients reported dropping (full buffer)
-    late: int = 0  # rows below the run's current step in one session: wandb cannot chart them
-    refused: int = 0  # frames the receiver refused (their seqs used up)
-    clock: StepClock = field(default_factory=StepClock)  # wandb's step rule over the records
-    sessions: set[str] = field(default_factory=set)
     orphaned_since: float | None = None  # open, and every trainer of it gone
     dirty: bool = False
-    # the state at the last successful commit, to roll back to if an fsync fails
-    snapshot: tuple = ()
-
-    def needs_upload(self, up: UploaderState) -> bool:
-        """Frames wandb has not kept yet, or a close it has not seen (and not failed for good)."""
-        return up.state != "failed" and (self.received > up.trusted or (self.closed and up.state != "finished"))
-
-    @property
-    def last_step(self) -> int | None:
-        """The highest step on the run's chart (after a rewind, the resumed trainer's)."""
-        return self.clock.top
+    snapshot: Committed | None = None
 
     def take_snapshot(self, sessions: dict[str, Session]) -> None:
-        self.snapshot = (
-            self.spool.log.size(),
-            self.received,
-            self.late,
-            self.refused,
-            self.clock.copy(),
-            self.closed,
-            self.exit_code,
-            {s: sessions[s].seq for s in self.sessions if s in sessions},
-        )
+        seqs = {s: sessions[s].seq for s in self.sessions if s in sessions}
+        self.snapshot = Committed(self.spool.log.size(), self.counts(), seqs)
 
 
 class Receiver:
@@ -127,12 +113,11 @@ class Receiver:
                 continue
             rs.log.repair()
             run = RunState(spool=rs, meta=meta)
-            for rec in rs.log.records():
-                try:
-                    msg = decode_record(rec.payload)
-                except ProtocolError as exc:  # cannot happen for frames we validated
-                    log.error("run %s: unreadable spool record at offset %d: %s", run_id, rec.offset, exc)
-                    continue
+
+            def unreadable(rec: SpoolRecord, exc: ProtocolError, run_id: str = run_id) -> None:
+                log.error("run %s: unreadable spool record at offset %d: %s", run_id, rec.offset, exc)  # cannot happen for frames we validated
+
+            for _rec, msg in messages(rs.log, on_bad=unreadable):
                 self._apply(run, msg)
             rs.log.open_for_append()
             run.take_snapshot(self.sessions)
@@ -142,29 +127,16 @@ class Receiver:
             log.info("run %s: recovered %d frames (closed=%s)", run_id, run.received, run.closed)
 
     def _apply(self, run: RunState, msg: protocol.Record) -> None:
-        """Account for a record that is in the run's log (on recovery, or just appended)."""
+        """Account for a record that is in the run's log (on recovery, or just appended):
+        the run's fold (record.py), and the seq of the session that sent it."""
         if isinstance(msg, Hello):
-            sess = self.sessions.get(msg.session)
-            if sess is None:
+            if msg.session not in self.sessions:
                 sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
                 sess.local = msg.host == self.host and pid_alive(msg.pid)
-            run.sessions.add(msg.session)
-            run.clock.hello(msg.session)
-            if run.closed:  # a new session after a close re-opens the run (resume)
-                run.closed = False
-                run.exit_code = None
-            return
-        sess = self.sessions.get(msg.session) or self.sessions.setdefault(msg.session, Session(msg.session, run.meta.run_id))
-        sess.seq = msg.seq
-        if isinstance(msg, Metrics):
-            run.received += 1
-            if run.clock.place(msg.session, msg.step, msg.commit)[1] == "late":
-                run.late += 1
-        elif isinstance(msg, Close):
-            run.closed = True
-            run.exit_code = msg.exit_code
-        elif isinstance(msg, Refused):
-            run.refused += 1
+        else:
+            sess = self.sessions.get(msg.session) or self.sessions.setdefault(msg.session, Session(msg.session, run.meta.run_id))
+            sess.seq = msg.seq
+        run.apply(msg)
 
     # ---------------------------------------------------------------- frames
 
@@ -409,13 +381,13 @@ class Receiver:
         """An fsync failed: what was appended since the last commit may not be on disk.
         Cut it and forget it; the clients still hold those frames and resend them."""
         self._disk_failed(run.meta.run_id, exc)
-        size, run.received, run.late, run.refused, clock, run.closed, run.exit_code, seqs = run.snapshot
-        run.clock = clock.copy()
+        assert run.snapshot is not None  # taken when the run was created or recovered
+        run.restore(run.snapshot.record)
         try:
-            os.truncate(run.spool.log.path, size)
+            os.truncate(run.spool.log.path, run.snapshot.log_size)
         except OSError:
             pass
-        for s, seq in seqs.items():
+        for s, seq in run.snapshot.seqs.items():
             self.sessions[s].seq = self.sessions[s].durable = seq
         run.dirty = False
 

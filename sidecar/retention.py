@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spool import Spool, dir_bytes, read_json
+from .spool import Spool, UploadState, dir_bytes, read_json
 
 log = logging.getLogger("kforge_sidecar.retention")
 
@@ -109,7 +109,7 @@ class Plan:
 
 def removable(row: dict[str, Any]) -> bool:
     """The rule, on one row of the status view."""
-    return bool(row.get("closed")) and row.get("state") == "finished" and row.get("pending", 1) == 0
+    return bool(row.get("closed")) and row.get("state") == UploadState.FINISHED and row.get("pending", 1) == 0
 
 
 def finished_at(run_dir: Path) -> float:

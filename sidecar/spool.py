@@ -7,8 +7,9 @@ Layout, one directory per run (directories 0700, files 0600)::
         frames.log     append-only records, each: u32 length, u32 crc32, payload
         uploader.json  UploaderState: the uploader's cursor and health, written by it alone
 
-A payload is the client's validated msgpack frame, byte for byte. The
-receiver is the only writer of frames.log; it fsyncs in groups and only then
+A payload is bytes to the spool: the client's validated frame, byte for byte
+(record.py is what reads them as messages; the spool imports nothing of the
+wire format). The receiver is the only writer of frames.log; it fsyncs in groups and only then
 acknowledges. A crash mid-write leaves a torn tail (short record or bad CRC),
 which ``RunLog.repair`` cuts on the next start. Readers (the uploader, sync,
 status) stop quietly at an incomplete tail: the writer may still be writing it.
@@ -26,24 +27,16 @@ import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from client.protocol import RUN_ID_RE, Limits, Record, decode_request
+from client.ids import RUN_ID_RE
 
 log = logging.getLogger("kforge_sidecar.spool")
 
 HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
-# Records were validated on the way in; read them back without the receiver's caps,
-# which may have been lowered since.
-TRUSTED_LIMITS = Limits(max_frame_bytes=MAX_RECORD, max_hello_bytes=MAX_RECORD, max_scalars=1 << 20)
-
-
-def decode_record(payload: bytes) -> Record:
-    """One frames.log record as its message (a client frame, or the receiver's ``refused``)."""
-    return decode_request(payload, TRUSTED_LIMITS, spool=True)  # type: ignore[return-value]
-
 
 def default_spool_dir() -> Path:
     """$KFORGE_SPOOL_DIR, else ``/var/tmp/kforge-sidecar-<uid>/spool``.
@@ -195,12 +188,31 @@ class RunMeta:
     process: dict[str, Any] = field(default_factory=dict)  # its program, args, cwd, git (protocol.PROCESS_KEYS)
 
 
+class UploadState(str, Enum):
+    """A run's upload state, as ``uploader.json`` stores it (the string values are on disk
+    and in ``status``): written by the uploader, read by the supervisor, the server,
+    ``status``, ``sync``, retention and the metrics."""
+
+    WAITING = "waiting"  # no wandb run open (yet, or between segments)
+    INITIALIZING = "initializing"  # inside wandb.init
+    LIVE = "live"  # frames go to wandb
+    RETRYING = "retrying"  # a transient failure: a fresh uploader retries after a backoff
+    FAILED = "failed"  # the sentinel: a permanent failure (`kforge-sidecar sync` retries it)
+    FINISHED = "finished"  # the run is closed and finished in wandb
+
+    # a plain string in every other respect: "live", not "UploadState.LIVE", and the same
+    # dict key as "live" (Enum hashes by name)
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+
 @dataclass
 class UploaderState:
     """The uploader's cursor and health. ``offset`` is a byte offset into frames.log
     up to which every record has been handed to wandb."""
 
-    state: str = "waiting"  # waiting, initializing, live, retrying, failed, finished
+    state: UploadState = UploadState.WAITING
     offset: int = 0  # the restart point: everything before it is kept by wandb
     trusted: int = 0  # metrics frames before ``offset``
     clock: dict[str, Any] | None = None  # the StepClock at ``offset`` (sidecar/steps.py)
@@ -338,7 +350,14 @@ class RunSpool:
 
     def read_uploader(self) -> UploaderState:
         data = read_json(self.uploader_path)
-        return _from_dict(UploaderState, data) if data else UploaderState()
+        if not data:
+            return UploaderState()
+        state = _from_dict(UploaderState, data)
+        try:
+            state.state = UploadState(state.state)
+        except ValueError:  # not one of ours: shown as it is, acted on as none of them
+            pass
+        return state
 
     def write_uploader(self, state: UploaderState) -> None:
         # Rewritten twice a second as a heartbeat: no fsync. A cursor that goes

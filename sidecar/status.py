@@ -16,10 +16,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from client import protocol
-
 from .receiver import RunState
-from .spool import RunSpool, Spool, UploaderState, decode_record
+from .record import first_pending_time, fold
+from .spool import Spool, UploaderState, UploadState
 
 
 def run_status(
@@ -30,10 +29,10 @@ def run_status(
     restarts: int = 0,
 ) -> dict[str, Any]:
     state = up.state
-    if state == "finished" and not run.closed:
-        state = "waiting"  # re-opened by a resumed session
+    if state == UploadState.FINISHED and not run.closed:
+        state = UploadState.WAITING  # re-opened by a resumed session
     pending = max(0, run.received - up.uploaded)
-    oldest = oldest_pending_time(run.spool, up) if pending else None
+    oldest = first_pending_time(run.spool.log, up) if pending else None
     return {
         "run_id": run.meta.run_id,
         "project": run.meta.project,
@@ -62,27 +61,8 @@ def run_status(
 
 
 def _acknowledged(run: RunState) -> int:
-    snapshot = getattr(run, "snapshot", ())  # (log size, received, ...) at the last commit
-    return snapshot[1] if len(snapshot) > 1 and isinstance(snapshot[1], int) else run.received
-
-
-def oldest_pending_time(rs: RunSpool, up: UploaderState) -> float | None:
-    """The client's wall time of the first metrics frame not yet handed to wandb.
-
-    The cursor (``up.offset``) is where wandb has kept everything before; the
-    uploader has handed ``up.uploaded - up.trusted`` more frames after it.
-    """
-    skip = max(0, up.uploaded - up.trusted)
-    for rec in rs.log.records(up.offset):
-        try:
-            msg = decode_record(rec.payload)
-        except protocol.ProtocolError:
-            continue
-        if isinstance(msg, protocol.Metrics):
-            if skip == 0:
-                return msg.time
-            skip -= 1
-    return None
+    """Durable and acknowledged: the receiver's count at its last commit."""
+    return run.snapshot.record.received if run.snapshot is not None else run.received
 
 
 def offline_status(spool: Spool) -> dict[str, Any]:
@@ -93,22 +73,7 @@ def offline_status(spool: Spool) -> dict[str, Any]:
         meta = rs.read_meta()
         if meta is None:
             continue
-        run = RunState(spool=rs, meta=meta)
-        for rec in rs.log.records():
-            try:
-                msg = decode_record(rec.payload)
-            except protocol.ProtocolError:
-                continue
-            if isinstance(msg, protocol.Metrics):
-                run.received += 1
-                run.late += run.clock.place(msg.session, msg.step, msg.commit)[1] == "late"
-            elif isinstance(msg, protocol.Close):
-                run.closed, run.exit_code = True, msg.exit_code
-            elif isinstance(msg, protocol.Hello):
-                run.clock.hello(msg.session)
-                run.closed, run.exit_code = False, None
-            elif isinstance(msg, protocol.Refused):
-                run.refused += 1
+        run = fold(rs.log, RunState(spool=rs, meta=meta))
         runs.append(run_status(run, rs.read_uploader()))
     return {"sidecar": None, "spool_dir": str(spool.root), "runs": runs}
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client import protocol
-
-from .spool import RunSpool, Spool, decode_record
 from .exits import EXIT_DONE, EXIT_LOCKED
+from .record import fold, pending_frames
+from .spool import RunSpool, Spool, UploadState
 
 
 @dataclass
@@ -33,14 +32,8 @@ class Pending:
 
 def pending(run: RunSpool) -> Pending:
     st = run.read_uploader()
-    frames, closed = 0, False
-    for rec in run.log.records():
-        msg = decode_record(rec.payload)
-        if isinstance(msg, protocol.Metrics):
-            frames += rec.offset >= st.offset
-        elif isinstance(msg, (protocol.Close, protocol.Hello)):
-            closed = isinstance(msg, protocol.Close)  # a later hello (a resumed session) re-opens the run
-    return Pending(run, frames, closed and st.state != "finished")
+    closed = fold(run.log, on_bad=None).closed
+    return Pending(run, pending_frames(run.log, st.offset), closed and st.state != UploadState.FINISHED)
 
 
 def spools_under(root: Path, depth: int = 3) -> list[Spool]:
@@ -101,7 +94,7 @@ def sync(root: Path, run_ids: list[str], init_timeout: float, finish_timeout: fl
             if proc.returncode == EXIT_LOCKED:
                 progress.console.print(f"run {p.run.run_id}: an uploader holds it (is a sidecar serving this spool?); skipped")
                 ok = False
-            elif proc.returncode != EXIT_DONE or st.state in ("failed", "retrying"):
+            elif proc.returncode != EXIT_DONE or st.state in (UploadState.FAILED, UploadState.RETRYING):
                 progress.console.print(f"run {p.run.run_id}: not uploaded: {st.error or f'exit code {proc.returncode}'}")
                 ok = False
             else:

@@ -52,7 +52,8 @@ from typing import Any
 from client.protocol import Close, ConfigUpdate, Hello, Metrics, SummaryUpdate
 
 from .exits import EXIT_CRASHED, EXIT_DONE, EXIT_LOCKED, EXIT_RETRY
-from .spool import RunMeta, RunSpool, decode_record
+from .record import decode_record
+from .spool import RunMeta, RunSpool, UploadState
 from .steps import StepClock
 
 log = logging.getLogger("kforge_sidecar.uploader")
@@ -128,13 +129,13 @@ class Uploader:
         if meta is None:
             log.error("run %s: no meta.json in %s", self.spool.run_id, self.spool.dir)
             return EXIT_DONE
-        if self.state.state == "failed" and not self.cfg.sync:
+        if self.state.state == UploadState.FAILED and not self.cfg.sync:
             log.info("run %s: failed earlier (%s); not retrying", meta.run_id, self.state.error)
             return EXIT_DONE
         self.state.pid = os.getpid()
         self.state.uploaded = self.state.trusted
-        if self.state.state in ("finished", "failed", "retrying"):
-            self.state.state = "waiting"  # re-opened by a resumed session, or retried
+        if self.state.state in (UploadState.FINISHED, UploadState.FAILED, UploadState.RETRYING):
+            self.state.state = UploadState.WAITING  # re-opened by a resumed session, or retried
         self._save(force=True)
         try:
             while True:
@@ -161,7 +162,7 @@ class Uploader:
                     return EXIT_DONE
                 time.sleep(self.cfg.poll_interval)
         except Transient as exc:
-            self.state.state = "retrying"
+            self.state.state = UploadState.RETRYING
             self.state.error = str(exc)
             self._save(force=True)
             log.warning("run %s: %s; a fresh uploader will retry", self.spool.run_id, exc)
@@ -276,7 +277,7 @@ class Uploader:
     def _init(self, meta: RunMeta) -> bool:
         """Lazy wandb.init. A permanent failure enters the sentinel and returns False;
         a transient one raises Transient."""
-        self.state.state = "initializing"
+        self.state.state = UploadState.INITIALIZING
         self.state.busy_until = time.time() + self.cfg.init_timeout + 30
         self._save(force=True)
         try:
@@ -327,7 +328,7 @@ class Uploader:
         self.offline = bool(getattr(self.run.settings, "_offline", False))
         self._txlog = TransactionLog(Path(self.run.dir).parent / f"run-{self.run.id}.wandb")
         self._rewind_to = None
-        self.state.state = "live"
+        self.state.state = UploadState.LIVE
         self.state.error = None
         self.state.wandb_dir = str(Path(self.run.dir).parent)
         self._save(force=True)
@@ -350,7 +351,7 @@ class Uploader:
     def _sentinel(self, reason: str) -> bool:
         reason = " ".join(reason.split())[:500]
         log.error("run %s: %s; frames stay in the spool", self.spool.run_id, reason)
-        self.state.state = "failed"
+        self.state.state = UploadState.FAILED
         self.state.error = reason
         self._save(force=True)
         return False
@@ -375,10 +376,10 @@ class Uploader:
             self._txlog = None
         self._trust_all()
         if exit_code is not None and final:
-            self.state.state = "finished"
+            self.state.state = UploadState.FINISHED
             log.info("run %s: finished (exit code %d, %d frames uploaded)", self.spool.run_id, exit_code, self.state.uploaded)
         else:
-            self.state.state = "waiting"
+            self.state.state = UploadState.WAITING
         self._save(force=True)
 
     # ---------------------------------------------------------------- cursor

@@ -19,7 +19,8 @@ import pytest
 from client import protocol
 from conftest import all_history, children, finish_trainer, start_trainer, wait_for
 from fakewandb import FakeWandb
-from sidecar.spool import decode_record, Spool
+from sidecar.record import decode_record
+from sidecar.spool import Spool
 from trainer import train_metrics
 
 FAST = ("--retry-backoff", "0.5", "--retry-backoff-max", "2", "--heartbeat-timeout", "4")

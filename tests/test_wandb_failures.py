@@ -10,7 +10,8 @@ import pytest
 
 from conftest import run_trainer, wait_for
 from fakewandb import FakeWandb
-from sidecar.spool import decode_record, Spool
+from sidecar.record import decode_record
+from sidecar.spool import Spool
 from client import protocol
 from trainer import train_metrics
 
