@@ -31,6 +31,7 @@ from typing import Any
 
 from client.address import ENV_ADDRESS, default_socket_dir
 
+from . import options
 from .config import ServeConfig
 from .control import serving
 from .spool import default_spool_dir
@@ -64,39 +65,7 @@ def job_spool_dir(environ: dict[str, str] = os.environ) -> Path | None:  # type:
 
 def serve_argv(cfg: ServeConfig) -> list[str]:
     """The ``serve`` command line of a sidecar process configured as ``cfg``."""
-    argv = [
-        sys.executable, "-m", "sidecar", "serve",
-        "--address", cfg.address,
-        "--spool-dir", str(cfg.spool_dir),
-        "--log-level", cfg.log_level,
-        "--drain-timeout", str(cfg.drain_timeout),
-        "--init-timeout", str(cfg.init_timeout),
-        "--finish-timeout", str(cfg.finish_timeout),
-        "--commit-interval-ms", str(cfg.commit_interval * 1000.0),
-        "--heartbeat-timeout", str(cfg.heartbeat_timeout),
-        "--retry-backoff", str(cfg.retry_backoff),
-        "--retry-backoff-max", str(cfg.retry_backoff_max),
-        "--wandb-flush-interval", str(cfg.flush_interval),
-        "--session-timeout", str(cfg.session_timeout),
-        "--resume-grace", str(cfg.resume_grace),
-        "--max-runs", str(cfg.max_runs),
-        "--system-metrics" if cfg.system_metrics else "--no-system-metrics",
-    ]  # fmt: skip
-    if cfg.log_file is not None:
-        argv += ["--log-file", str(cfg.log_file)]
-    if cfg.parent_pid is not None:
-        argv += ["--parent-pid", str(cfg.parent_pid)]
-    if cfg.idle_timeout is not None:
-        argv += ["--idle-timeout", str(cfg.idle_timeout)]
-    ret = cfg.retention
-    argv += ["--retain", "never" if ret.retain is None else str(ret.retain)]
-    if ret.max_bytes is not None:
-        argv += ["--spool-max-bytes", str(ret.max_bytes)]
-    if cfg.metrics_port is not None:
-        argv += ["--metrics-port", str(cfg.metrics_port), "--metrics-host", cfg.metrics_host]
-    if cfg.metrics_textfile is not None:
-        argv += ["--metrics-textfile", str(cfg.metrics_textfile)]
-    return argv
+    return [sys.executable, "-m", "sidecar", "serve", *options.argv(cfg)]
 
 
 class Launcher:
@@ -144,7 +113,7 @@ class Launcher:
         if child is None:
             log.info("%s: not starting %s", name, self.command[0])
         elif child.returncode is not None:
-            log.info("%s: already draining the sidecar (up to %gs)", name, self.cfg.drain_timeout)
+            log.info("%s: already draining the sidecar (up to %gs)", name, self.cfg.lifetime.drain_timeout)
         elif signum == signal.SIGINT and self._from_terminal():
             log.info("SIGINT from the terminal: %s got it too; waiting for it to exit", self.command[0])
         else:
@@ -171,12 +140,12 @@ class Launcher:
         found = serving(addr)
         if found is not None and found.get("stopping"):
             log.info("the sidecar on %s (pid %d) is draining; waiting for it to exit", addr, found["pid"])
-            _wait_gone(found["pid"], self.cfg.drain_timeout + STOP_MARGIN)
+            _wait_gone(found["pid"], self.cfg.lifetime.drain_timeout + STOP_MARGIN)
             found = None
         if found is not None:
             log.info("using the sidecar already serving %s (pid %d); it stays running", addr, found["pid"])
             return True
-        argv = serve_argv(replace(self.cfg, parent_pid=os.getpid()))
+        argv = serve_argv(replace(self.cfg, lifetime=replace(self.cfg.lifetime, parent_pid=os.getpid())))
         # Its own session: a Ctrl-C at the terminal or a signal to our process group must not
         # stop it before COMMAND has closed its client; we stop it once COMMAND has exited.
         self.sidecar = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), start_new_session=True)
@@ -208,10 +177,10 @@ class Launcher:
         if code is not None:
             log.warning("the sidecar (pid %d) exited early (code %d); what it had not uploaded waits in the spool", proc.pid, code)
             return
-        log.info("draining the sidecar (pid %d, up to %gs)", proc.pid, self.cfg.drain_timeout)
+        log.info("draining the sidecar (pid %d, up to %gs)", proc.pid, self.cfg.lifetime.drain_timeout)
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(self.cfg.drain_timeout + STOP_MARGIN)
+            code = proc.wait(self.cfg.lifetime.drain_timeout + STOP_MARGIN)
         except subprocess.TimeoutExpired:
             log.error("the sidecar (pid %d) did not exit in time; killing it (frames stay in the spool)", proc.pid)
             try:

@@ -197,31 +197,31 @@ class Exporter:
     def start(self) -> "Exporter":
         self.refresh()
         cfg = self.cfg
-        if cfg.metrics_textfile is not None:
+        if cfg.metrics.textfile is not None:
             try:
                 self.write()
             except OSError as exc:
                 raise MetricsError(
-                    f"cannot write --metrics-textfile {cfg.metrics_textfile}: {exc.strerror or exc} "
+                    f"cannot write --metrics-textfile {cfg.metrics.textfile}: {exc.strerror or exc} "
                     "(its directory must exist and be writable; node_exporter reads *.prom files)"
                 ) from None
             self._last_write = time.monotonic()
-            log.info("metrics: writing %s every %gs", cfg.metrics_textfile, cfg.metrics_interval)
-        if cfg.metrics_port is not None:
+            log.info("metrics: writing %s every %gs", cfg.metrics.textfile, cfg.metrics.interval)
+        if cfg.metrics.port is not None:
             try:
-                self.httpd, self._thread = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.registry)
+                self.httpd, self._thread = start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=self.registry)
             except OSError as exc:
                 raise MetricsError(
-                    f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc.strerror or exc}; "
+                    f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror or exc}; "
                     "choose another --metrics-port (0 picks a free one)"
                 ) from None
-            host = cfg.metrics_host if ":" not in cfg.metrics_host else f"[{cfg.metrics_host}]"
+            host = cfg.metrics.host if ":" not in cfg.metrics.host else f"[{cfg.metrics.host}]"
             self.url = f"http://{host}:{self.httpd.server_port}/metrics"
             log.info("metrics: serving %s", self.url)
         return self
 
     def where(self) -> dict[str, str | None]:
-        return {"url": self.url, "textfile": str(self.cfg.metrics_textfile) if self.cfg.metrics_textfile else None}
+        return {"url": self.url, "textfile": str(self.cfg.metrics.textfile) if self.cfg.metrics.textfile else None}
 
     def refresh(self) -> None:
         body = self.server.status()
@@ -232,25 +232,25 @@ class Exporter:
         if now - self._last_snapshot >= SNAPSHOT_EVERY:
             self._last_snapshot = now
             self.refresh()
-        if self.cfg.metrics_textfile is not None and now - self._last_write >= self.cfg.metrics_interval:
+        if self.cfg.metrics.textfile is not None and now - self._last_write >= self.cfg.metrics.interval:
             self._last_write = now
             try:
                 self.write()
             except OSError as exc:
-                log.error("metrics: cannot write %s: %s; will try again", self.cfg.metrics_textfile, exc)
+                log.error("metrics: cannot write %s: %s; will try again", self.cfg.metrics.textfile, exc)
 
     def write(self) -> None:
         # write_to_textfile writes PATH.<pid>.<thread> beside it and renames it over PATH
-        write_to_textfile(str(self.cfg.metrics_textfile), self.file_registry)
+        write_to_textfile(str(self.cfg.metrics.textfile), self.file_registry)
 
     def stop(self) -> None:
         if self.httpd is not None:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
-        if self.cfg.metrics_textfile is not None:
+        if self.cfg.metrics.textfile is not None:
             try:
-                os.unlink(self.cfg.metrics_textfile)  # a stopped sidecar has no health to report
+                os.unlink(self.cfg.metrics.textfile)  # a stopped sidecar has no health to report
             except OSError:
                 pass
 

@@ -54,7 +54,7 @@ class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir)
-        self.receiver = Receiver(self.spool, cfg.limits, max_runs=cfg.max_runs)
+        self.receiver = Receiver(self.spool, cfg.receiver.limits, max_runs=cfg.receiver.max_runs)
         self.supervisor = Supervisor(cfg)
         self.started = time.time()
         self.stopping = False
@@ -129,7 +129,7 @@ class Server:
         )
         sweep_trash(self.spool)
         self.receiver.recover()
-        if self.cfg.metrics_port is not None or self.cfg.metrics_textfile is not None:
+        if self.cfg.metrics.port is not None or self.cfg.metrics.textfile is not None:
             from .metrics import Exporter, MetricsError
 
             try:
@@ -144,10 +144,10 @@ class Server:
         # A file-size limit (ulimit -f) is a full disk for us: an error to report, not death.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         log.info("serving on %s (spool %s, pid %d)", self.cfg.address, self.spool.root, os.getpid())
-        if self.cfg.parent_pid is not None:
-            log.info("will drain and exit when process %d is gone", self.cfg.parent_pid)
-        if self.cfg.idle_timeout is not None:
-            log.info("will drain and exit after %gs idle", self.cfg.idle_timeout)
+        if self.cfg.lifetime.parent_pid is not None:
+            log.info("will drain and exit when process %d is gone", self.cfg.lifetime.parent_pid)
+        if self.cfg.lifetime.idle_timeout is not None:
+            log.info("will drain and exit after %gs idle", self.cfg.lifetime.idle_timeout)
         ret = self.cfg.retention
         log.info(
             "retention: finished and uploaded runs are removed %s%s",
@@ -157,11 +157,11 @@ class Server:
         try:
             self._loop(sock)
         finally:
-            log.info("draining: spool is durable; giving uploaders %.0fs", self.cfg.drain_timeout)
+            log.info("draining: spool is durable; giving uploaders %.0fs", self.cfg.lifetime.drain_timeout)
             sock.close(linger=1000)  # let the last acks and the stop reply leave
             ctx.term()
             self.supervisor.tick(self.receiver.runs)  # a last look: start uploaders for what just arrived
-            self.supervisor.drain(self.cfg.drain_timeout)
+            self.supervisor.drain(self.cfg.lifetime.drain_timeout)
             if self.metrics is not None:
                 self.metrics.stop()
             self._release()
@@ -177,7 +177,7 @@ class Server:
             now = time.monotonic()
             timeout = SUPERVISE_EVERY
             if self.receiver.dirty:
-                timeout = max(0.0, last_commit + self.cfg.commit_interval - now)
+                timeout = max(0.0, last_commit + self.cfg.receiver.commit_interval - now)
             if poller.poll(timeout * 1000):
                 self._last_activity = time.monotonic()
                 for _ in range(10_000):  # bounded, so commits and ticks still happen under load
@@ -192,11 +192,11 @@ class Server:
                     except Exception as exc:  # one message's bug must not stop every trainer's frames
                         self.receiver.internal_error(exc, parts)
             now = time.monotonic()
-            if self.receiver.dirty and now - last_commit >= self.cfg.commit_interval:
+            if self.receiver.dirty and now - last_commit >= self.cfg.receiver.commit_interval:
                 self.receiver.commit(sock)
                 last_commit = now
             if now - last_tick >= SUPERVISE_EVERY:
-                self.receiver.reap_orphans(self.cfg.session_timeout, self.cfg.resume_grace)
+                self.receiver.reap_orphans(self.cfg.receiver.session_timeout, self.cfg.receiver.resume_grace)
                 self.supervisor.tick(self.receiver.runs)
                 self._housekeeping(now)
                 last_tick = now
@@ -291,13 +291,13 @@ class Server:
 
     def _exit_reason(self, now: float) -> str | None:
         """Why the sidecar should drain and exit by itself now, if it should."""
-        if self.cfg.parent_pid is not None and not pid_alive(self.cfg.parent_pid):
-            return f"parent process {self.cfg.parent_pid} is gone"
-        if self.cfg.idle_timeout is not None:
+        if self.cfg.lifetime.parent_pid is not None and not pid_alive(self.cfg.lifetime.parent_pid):
+            return f"parent process {self.cfg.lifetime.parent_pid} is gone"
+        if self.cfg.lifetime.idle_timeout is not None:
             if self._busy():
                 self._last_activity = now
-            elif now - self._last_activity >= self.cfg.idle_timeout:
-                return f"idle for {self.cfg.idle_timeout:g}s (no open or pending run, no client message)"
+            elif now - self._last_activity >= self.cfg.lifetime.idle_timeout:
+                return f"idle for {self.cfg.lifetime.idle_timeout:g}s (no open or pending run, no client message)"
         return None
 
     def _busy(self) -> bool:
@@ -309,7 +309,7 @@ class Server:
                 return True  # not looked at yet
             if run.needs_upload(st):
                 return True
-            if not run.closed and self.receiver.has_live_trainer(run, self.cfg.session_timeout):
+            if not run.closed and self.receiver.has_live_trainer(run, self.cfg.receiver.session_timeout):
                 return True
         return False
 

@@ -10,7 +10,6 @@ finds nothing left and uploads nothing twice.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import options
+from .config import UploaderConfig
 from .exits import EXIT_DONE, EXIT_LOCKED
 from .record import fold, pending_frames
 from .spool import RunSpool, Spool, UploadState
+from .supervisor import uploader_argv
 
 
 @dataclass
@@ -76,16 +78,12 @@ def sync(root: Path, run_ids: list[str], init_timeout: float, finish_timeout: fl
         for p in todo:
             before = p.run.read_uploader().uploaded
             task = progress.add_task(f"run {p.run.run_id}", total=p.frames)
-            proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "sidecar.uploader", "--sync",
-                    "--run-dir", str(p.run.dir),
-                    "--init-timeout", str(init_timeout),
-                    "--finish-timeout", str(finish_timeout),
-                    "--log-level", log_level,
-                ],  # fmt: skip
-                stdin=subprocess.DEVNULL,
-            )
+            cfg = UploaderConfig(
+                run_dir=p.run.dir, init_timeout=init_timeout, finish_timeout=finish_timeout, log_level=log_level,
+                flush_interval=options.default("flush_interval"), drain_timeout=options.default("drain_timeout"),
+                system_metrics=options.default("system_metrics"), sync=True,
+            )  # fmt: skip
+            proc = subprocess.Popen(uploader_argv(cfg), stdin=subprocess.DEVNULL)
             while proc.poll() is None:
                 time.sleep(0.2)
                 progress.update(task, completed=max(0, p.run.read_uploader().uploaded - before))

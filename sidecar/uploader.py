@@ -1,8 +1,8 @@
 """The uploader: one process per run, the only code that imports wandb.
 
 Started and watched by the sidecar's supervisor as
-``python -m sidecar.uploader --run-dir <spool>/runs/<run_id>`` (and by
-``kforge-sidecar sync`` with ``--sync``). It reads the run's frames.log from
+``python -m sidecar.uploader --config JSON`` (config.UploaderConfig, whole;
+``kforge-sidecar sync`` starts it the same way, with ``sync`` set). It reads the run's frames.log from
 its cursor, calls ``wandb.init`` lazily on the first metrics frame, logs every
 frame, and advances the cursor in uploader.json. A close frame finishes the
 run. wandb can wedge this process; that is why it is a process: the sidecar
@@ -45,12 +45,12 @@ import struct
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from client.protocol import Close, ConfigUpdate, Hello, Metrics, SummaryUpdate
 
+from .config import UploaderConfig
 from .exits import EXIT_CRASHED, EXIT_DONE, EXIT_LOCKED, EXIT_RETRY
 from .record import decode_record
 from .spool import RunMeta, RunSpool, UploadState
@@ -76,19 +76,6 @@ class Transient(Exception):
 
 class _RewindRefused(Exception):
     """This backend refused a rewind before (``UploaderState.rewind_refused``)."""
-
-
-@dataclass(frozen=True)
-class UploaderConfig:
-    run_dir: Path
-    init_timeout: float = 60.0
-    finish_timeout: float = 60.0
-    flush_interval: float = 1.0  # wandb-core's transaction log flush (its default is 15 s)
-    poll_interval: float = 0.05
-    heartbeat: float = 0.5  # how often uploader.json is rewritten, busy or idle
-    drain_timeout: float = 30.0
-    sync: bool = False  # kforge-sidecar sync: retry a failed run, stop at the end of the log
-    system_metrics: bool = True  # sample the trainer's process and the node's GPUs into the run
 
 
 class Uploader:
@@ -503,33 +490,17 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sidecar.uploader")
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--init-timeout", type=float, default=60.0)
-    p.add_argument("--finish-timeout", type=float, default=60.0)
-    p.add_argument("--flush-interval", type=float, default=1.0)
-    p.add_argument("--drain-timeout", type=float, default=30.0)
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--sync", action="store_true", help="kforge-sidecar sync: retry, upload to the end, finish")
-    p.add_argument("--no-system-metrics", action="store_true", help="do not sample the trainer's process and GPUs")
-    a = p.parse_args(argv)
+    p.add_argument("--config", required=True, help="UploaderConfig as JSON (config.py; the supervisor and sync write it)")
+    cfg = UploaderConfig.from_json(p.parse_args(argv).config)
     logging.basicConfig(
-        level=a.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s uploader[{a.run_dir.name}] %(message)s",
+        level=cfg.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s uploader[{cfg.run_dir.name}] %(message)s",
         stream=sys.stderr,
     )
     _die_with_parent()
-    if _lock(a.run_dir) is None:
-        log.error("run %s: another uploader is running for this run", a.run_dir.name)
+    if _lock(cfg.run_dir) is None:
+        log.error("run %s: another uploader is running for this run", cfg.run_dir.name)
         return EXIT_LOCKED
-    cfg = UploaderConfig(
-        run_dir=a.run_dir,
-        init_timeout=a.init_timeout,
-        finish_timeout=a.finish_timeout,
-        flush_interval=a.flush_interval,
-        drain_timeout=a.drain_timeout,
-        sync=a.sync,
-        system_metrics=not a.no_system_metrics,
-    )
     up = Uploader(cfg)
     signal.signal(signal.SIGTERM, up.stop)
     signal.signal(signal.SIGINT, up.stop)
@@ -538,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return up.serve()
     except Exception:
-        log.exception("run %s: uploader crashed; the sidecar will restart it from the cursor", a.run_dir.name)
+        log.exception("run %s: uploader crashed; the sidecar will restart it from the cursor", cfg.run_dir.name)
         return EXIT_CRASHED
 
 
