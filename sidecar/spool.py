@@ -5,7 +5,8 @@ Layout, one directory per run (directories 0700, files 0600)::
     <spool>/runs/<run_id>/
         meta.json      RunMeta: project, name, config; written once by the receiver
         frames.log     append-only records, each: u32 length, u32 crc32, payload
-        uploader.json  UploaderState: the uploader's cursor and health, written by it alone
+        uploader.json  UploaderState: the uploader's cursor and state, written by it alone
+        uploader.heartbeat  Heartbeat: the uploader's pid; its mtime is the last beat
 
 A payload is bytes to the spool: the client's validated frame, byte for byte
 (record.py is what reads them as messages; the spool imports nothing of the
@@ -224,9 +225,20 @@ class UploaderState:
     last_step: int | None = None
     error: str | None = None
     wandb_dir: str | None = None  # where wandb keeps the run's files
-    pid: int | None = None
-    updated: float = 0.0  # the heartbeat: wall time of the last write
-    busy_until: float | None = None  # inside init/finish: no heartbeat expected until then
+    updated: float = 0.0  # wall time of the last write (after a finish: when it finished)
+    # Files of older versions also hold "pid" and "busy_until" (the heartbeat, before it had
+    # a file of its own): ignored when read.
+
+
+@dataclass
+class Heartbeat:
+    """uploader.heartbeat: written by the uploader, watched by the supervisor. The uploader
+    touches it every ``UploaderConfig.heartbeat`` seconds from its main loop, busy or idle;
+    an uploader whose file goes stale (outside ``busy_until``) is wedged."""
+
+    pid: int | None = None  # the uploader that beats
+    busy_until: float | None = None  # inside init/finish: no beat expected until then
+    at: float = 0.0  # the last beat: the file's mtime (not stored in it)
 
 
 @dataclass
@@ -348,6 +360,30 @@ class RunSpool:
     def write_meta(self, meta: RunMeta) -> None:
         write_json_atomic(self.meta_path, asdict(meta))
 
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.dir / "uploader.heartbeat"
+
+    def write_heartbeat(self, hb: Heartbeat) -> None:
+        """A beat with new contents (a new pid, or busy_until set or cleared)."""
+        write_json_atomic(self.heartbeat_path, {"pid": hb.pid, "busy_until": hb.busy_until}, durable=False)
+
+    def beat(self) -> None:
+        """A beat: the file's mtime is now."""
+        try:
+            os.utime(self.heartbeat_path)
+        except FileNotFoundError:  # removed under us (never, but not worth dying of)
+            self.write_heartbeat(Heartbeat(pid=os.getpid()))
+
+    def read_heartbeat(self) -> Heartbeat:
+        """The last beat; ``Heartbeat()`` (at 0) when there is none."""
+        data = read_json(self.heartbeat_path) or {}
+        try:
+            at = self.heartbeat_path.stat().st_mtime
+        except FileNotFoundError:
+            return Heartbeat()
+        return Heartbeat(pid=data.get("pid"), busy_until=data.get("busy_until"), at=at)
+
     def read_uploader(self) -> UploaderState:
         data = read_json(self.uploader_path)
         if not data:
@@ -360,8 +396,8 @@ class RunSpool:
         return state
 
     def write_uploader(self, state: UploaderState) -> None:
-        # Rewritten twice a second as a heartbeat: no fsync. A cursor that goes
-        # back after a machine crash only replays frames, it never skips any.
+        # Rewritten up to twice a second: no fsync. A cursor that goes back
+        # after a machine crash only replays frames, it never skips any.
         state.updated = time.time()
         write_json_atomic(self.uploader_path, asdict(state), durable=False)
 

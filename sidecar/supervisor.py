@@ -26,7 +26,7 @@ from .config import ServeConfig, UploaderConfig
 from .exits import EXIT_RETRY
 from .proc import children
 from .receiver import RunState
-from .spool import UploaderState
+from .spool import Heartbeat, UploaderState
 
 
 def uploader_argv(cfg: UploaderConfig) -> list[str]:
@@ -68,7 +68,7 @@ class Supervisor:
             st = self.states[run_id] = run.spool.read_uploader()
             w = self.workers.get(run_id)
             if w is not None:
-                self._check_heartbeat(run_id, w, st)
+                self._check_heartbeat(run_id, w, run.spool.read_heartbeat())
                 continue
             if spawn and run.needs_upload(st) and now >= self.backoff.get(run_id, Backoff()).not_before:
                 if len(self.workers) >= self.cfg.receiver.max_runs:
@@ -97,10 +97,10 @@ class Supervisor:
         self.workers[run_id] = Worker(proc, time.time())
         log.info("run %s: uploader started (pid %d)", run_id, proc.pid)
 
-    def _check_heartbeat(self, run_id: str, w: Worker, st: UploaderState) -> None:
+    def _check_heartbeat(self, run_id: str, w: Worker, hb: Heartbeat) -> None:
         now = time.time()
-        last = max(st.updated if st.pid == w.proc.pid else 0.0, w.started)
-        allowed = max(last + self.cfg.upload.heartbeat_timeout, st.busy_until or 0.0)
+        last = max(hb.at if hb.pid == w.proc.pid else 0.0, w.started)
+        allowed = max(last + self.cfg.upload.heartbeat_timeout, hb.busy_until or 0.0)
         if now > allowed and w.proc.poll() is None:
             log.error(
                 "run %s: uploader pid %d is wedged (no heartbeat for %.0fs); killing it and restarting from the cursor",

@@ -17,8 +17,8 @@ def test_systemd_unit_does_not_restart_what_a_restart_cannot_fix():
 
 
 def test_the_modules_use_the_shared_codes():
-    from sidecar import launcher, server, supervisor, uploader
+    from sidecar import consumer, launcher, server, supervisor
 
     assert server.EXIT_IN_USE is exits.EXIT_IN_USE and launcher.EXIT_IN_USE is exits.EXIT_IN_USE
-    assert uploader.EXIT_RETRY is exits.EXIT_RETRY and supervisor.EXIT_RETRY is exits.EXIT_RETRY
+    assert consumer.EXIT_RETRY is exits.EXIT_RETRY and supervisor.EXIT_RETRY is exits.EXIT_RETRY
     assert launcher.EXIT_NOT_FOUND == 127 and exits.EXIT_RETRY == 75
