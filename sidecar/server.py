@@ -30,8 +30,9 @@ from client.address import SocketDirError, ensure_socket_dir, ipc_path
 from .config import ServeConfig
 from .exits import EXIT_IN_USE, EXIT_OK, EXIT_UNSAFE
 from .proc import pid_alive, redirect_stderr
-from .receiver import Receiver, RunState
+from .receiver import Receiver
 from .retention import describe, format_bytes, format_duration, plan, remove_run, sweep_trash
+from .runstate import RunState
 from .spool import Spool, SpoolDirError, dir_bytes, network_filesystem, prepare_spool_dir
 from .status import run_status
 from .supervisor import Supervisor
@@ -392,7 +393,8 @@ def _lock_file(path: Path, busy: str) -> int:
     The file's format is a contract: the sidecar's pid in ASCII decimal, then a newline,
     and nothing else (at most 32 bytes are read). A second sidecar names the owner from
     it, and ``deploy/slurm/epilog.sh`` reads it (``head -c 32 | tr -dc 0-9``) to SIGTERM
-    the job's sidecar, then waits on the flock for it to drain. Change both or neither.
+    the job's sidecar, then waits on the flock for it to drain; the logrotate recipe in
+    deploy/README.md reads it too. Change them together.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -16,8 +16,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .receiver import RunState
 from .record import first_pending_time, fold
+from .runstate import RunState
 from .spool import Spool, UploaderState, UploadState
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .config import ServeConfig, UploaderConfig
 from .exits import EXIT_RETRY
 from .proc import children
-from .receiver import RunState
+from .runstate import RunState
 from .spool import Heartbeat, UploaderState
 
 
