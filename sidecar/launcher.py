@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from client.address import ENV_ADDRESS, default_socket_dir
@@ -34,9 +34,9 @@ from client.address import ENV_ADDRESS, default_socket_dir
 from . import options
 from .config import ServeConfig
 from .control import serving
-from .spool import default_spool_dir
-from .proc import pid_alive
 from .exits import EXIT_CANNOT_EXECUTE, EXIT_IN_USE, EXIT_NO_SIDECAR, EXIT_NOT_FOUND
+from .proc import pid_alive
+from .spool import default_spool_dir
 
 log = logging.getLogger("kforge_sidecar.run")
 
@@ -74,7 +74,8 @@ class Launcher:
         self.command = command
         self.child: subprocess.Popen | None = None
         self.sidecar: subprocess.Popen | None = None  # only one that we started
-        self.signals: list[int] = []
+        self.signals: list[int] = []  # every SIGTERM/SIGINT received
+        self._unhandled: list[int] = []  # those the main loop has not acted on yet
         self._tty: int | None = None
 
     def run(self) -> int:
@@ -90,6 +91,7 @@ class Launcher:
         try:
             if not self._ensure_sidecar():
                 return EXIT_NO_SIDECAR
+            self._handle_signals()
             if self.signals:  # told to stop before COMMAND began
                 return 128 + self.signals[0]
             try:
@@ -97,7 +99,7 @@ class Launcher:
             except OSError as exc:
                 log.error("cannot run %s: %s", self.command[0], exc)
                 return EXIT_CANNOT_EXECUTE
-            code = self.child.wait()
+            code = self._wait(self.child)
             return 128 - code if code < 0 else code
         finally:
             self._stop_sidecar()
@@ -107,8 +109,28 @@ class Launcher:
     # ---------------------------------------------------------------- signals
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
+        """The handler: notes the signal; the main loop acts on it (_handle_signals)."""
         self.signals.append(signum)
+        self._unhandled.append(signum)
+
+    def _wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int:
+        """proc.wait(), acting on signals meanwhile. Raises TimeoutExpired as wait() does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._handle_signals()
+            code = proc.poll()
+            if code is not None:
+                return code
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout or 0)
+            time.sleep(0.02)
+
+    def _handle_signals(self) -> None:
+        while self._unhandled:
+            self._act_on(self._unhandled.pop(0))
+
+    def _act_on(self, signum: int) -> None:
+        name = signal.Signals(signum).name
         child = self.child
         if child is None:
             log.info("%s: not starting %s", name, self.command[0])
@@ -180,7 +202,7 @@ class Launcher:
         log.info("draining the sidecar (pid %d, up to %gs)", proc.pid, self.cfg.lifetime.drain_timeout)
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(self.cfg.lifetime.drain_timeout + STOP_MARGIN)
+            code = self._wait(proc, self.cfg.lifetime.drain_timeout + STOP_MARGIN)
         except subprocess.TimeoutExpired:
             log.error("the sidecar (pid %d) did not exit in time; killing it (frames stay in the spool)", proc.pid)
             try:

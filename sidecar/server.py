@@ -59,6 +59,7 @@ class Server:
         self.supervisor = Supervisor(cfg)
         self.started = time.time()
         self.stopping = False
+        self._signals: list[int] = []  # caught by the handlers, acted on by the loop
         self._last_activity = time.monotonic()  # a client message, or a tick with an open or pending run
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
@@ -163,6 +164,7 @@ class Server:
             ctx.term()
             self.supervisor.tick(self.receiver.runs)  # a last look: start uploaders for what just arrived
             self.supervisor.drain(self.cfg.lifetime.drain_timeout)
+            self._handle_signals()
             if self.metrics is not None:
                 self.metrics.stop()
             self._release()
@@ -179,6 +181,7 @@ class Server:
             timeout = SUPERVISE_EVERY
             if self.receiver.dirty:
                 timeout = max(0.0, last_commit + self.cfg.receiver.commit_interval - now)
+            self._handle_signals()
             if poller.poll(timeout * 1000):
                 self._last_activity = time.monotonic()
                 for _ in range(10_000):  # bounded, so commits and ticks still happen under load
@@ -205,15 +208,30 @@ class Server:
                 if reason:
                     log.info("%s: draining", reason)
                     self.stopping = True
+        self._handle_signals()
         # Whatever was appended becomes durable and acknowledged before we go.
         if self.receiver.dirty:
             self.receiver.commit(sock)
 
+    # Signal handlers only note the signal (and SIGTERM/SIGINT stop the loop); the loop
+    # logs and acts, between two polls (at most SUPERVISE_EVERY later).
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        log.info("%s: draining", signal.Signals(signum).name)
+        self._signals.append(signum)
         self.stopping = True
 
-    def _on_hup(self, _signum: int, _frame: Any) -> None:
+    def _on_hup(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reopen_log()
+            else:
+                log.info("%s: draining", signal.Signals(signum).name)
+
+    def _reopen_log(self) -> None:
         if self.cfg.log_file is None:
             log.info("SIGHUP: no --log-file to reopen; ignored")
             return
