@@ -1,4 +1,4 @@
-"""Tests for tests/fakewandb.py: a real wandb (online mode) against the fake.
+"""Tests for devtools/fakewandb.py: a real wandb (online mode) against the fake.
 
 Every wandb run happens in a subprocess with a hard deadline, so a wandb
 hang can never hang the test session.  Nothing but 127.0.0.1 is contacted.
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fakewandb import FakeWandb  # noqa: E402
+from devtools.fakewandb import FakeWandb
 
 pytest.importorskip("wandb")
 

@@ -18,7 +18,7 @@ import pytest
 
 from client import protocol
 from conftest import all_history, children, finish_trainer, start_trainer, wait_for
-from fakewandb import FakeWandb
+from devtools.fakewandb import FakeWandb
 from sidecar.record import decode_record
 from sidecar.spool import Spool
 from trainer import train_metrics

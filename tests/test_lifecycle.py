@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, all_history, chart, finish_trainer, start_trainer, stop_process, wait_for, wandb_records, wandb_summary
-from fakewandb import FakeWandb
+from devtools.fakewandb import FakeWandb
 from trainer import train_metrics
 
 TINY = ROOT / "examples" / "train_tiny.py"

@@ -14,7 +14,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 from conftest import finish_trainer, start_trainer, wait_for
-from fakewandb import FakeWandb
+from devtools.fakewandb import FakeWandb
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import Env, finish_trainer, run_trainer, start_trainer, wait_for
-from fakewandb import FakeWandb
+from devtools.fakewandb import FakeWandb
 from sidecar.retention import finished_at, parse_duration, parse_size
 from sidecar.spool import dir_bytes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_trainer
-from fakewandb import FakeWandb
+from devtools.fakewandb import FakeWandb
 from trainer import eval_metrics, train_metrics
 
 

@@ -74,7 +74,7 @@ Resume and rewind (wandb-core 0.31, ``core/internal/runbranch``):
 
 Run standalone::
 
-    python tests/fakewandb.py --mode 401
+    python -m devtools.fakewandb --mode 401
 """
 
 from __future__ import annotations
