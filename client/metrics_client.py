@@ -24,7 +24,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import device, protocol, values as wire
+from . import device, protocol
+from . import values as wire
 from .address import ENV_ADDRESS, resolve_address
 from .transport import Transport
 

@@ -13,11 +13,10 @@ from typing import Any, List, NoReturn, Optional
 
 import typer
 
-
-from .options import build, option, positive, resolve, with_options
 from .control import ControlRefused
 from .control import request as control_request
 from .exits import EXIT_NOT_FOUND, EXIT_USAGE
+from .options import build, option, positive, resolve, with_options
 from .proc import pid_alive as _alive
 from .retention import RetentionPolicy
 from .spool import Spool, default_spool_dir

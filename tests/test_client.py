@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for
 
 from client import MetricsClient, protocol
-from conftest import wait_for
 
 
 @pytest.fixture

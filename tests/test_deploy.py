@@ -18,8 +18,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, TRAINER, Env, Sidecar, run_trainer, stop_process, wait_for, wandb_file, wandb_history, wandb_summary
+from conftest import (
+    ROOT,
+    TRAINER,
+    Env,
+    Sidecar,
+    run_trainer,
+    stop_process,
+    wait_for,
+    wandb_file,
+    wandb_history,
+    wandb_summary,
+)
 from trainer import eval_metrics, train_metrics
 
 PY = sys.executable

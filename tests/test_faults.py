@@ -15,13 +15,13 @@ import sys
 import time
 
 import pytest
+from conftest import all_history, children, finish_trainer, start_trainer, wait_for
+from trainer import train_metrics
 
 from client import protocol
-from conftest import all_history, children, finish_trainer, start_trainer, wait_for
 from devtools.fakewandb import FakeWandb
 from sidecar.record import decode_record
 from sidecar.spool import Spool
-from trainer import train_metrics
 
 FAST = ("--retry-backoff", "0.5", "--retry-backoff-max", "2", "--heartbeat-timeout", "4")
 

@@ -13,9 +13,20 @@ import signal
 import subprocess
 import sys
 
-from conftest import ROOT, all_history, chart, finish_trainer, start_trainer, stop_process, wait_for, wandb_records, wandb_summary
-from devtools.fakewandb import FakeWandb
+from conftest import (
+    ROOT,
+    all_history,
+    chart,
+    finish_trainer,
+    start_trainer,
+    stop_process,
+    wait_for,
+    wandb_records,
+    wandb_summary,
+)
 from trainer import train_metrics
+
+from devtools.fakewandb import FakeWandb
 
 TINY = ROOT / "examples" / "train_tiny.py"
 

@@ -10,10 +10,10 @@ import urllib.request
 
 import pytest
 import zmq
+from conftest import finish_trainer, start_trainer, wait_for
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from conftest import finish_trainer, start_trainer, wait_for
 from devtools.fakewandb import FakeWandb
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"

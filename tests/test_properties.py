@@ -18,13 +18,12 @@ import time
 
 import msgpack
 import numpy as np
-import pytest
 import zmq
+from conftest import all_history
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client import MetricsClient, protocol
-from conftest import all_history, wait_for
 
 # ---------------------------------------------------------------- 1. log() against the validator
 

@@ -7,7 +7,6 @@ accepted may be lost, nothing logged earlier may be erased.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import subprocess
@@ -16,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import all_history, finish_trainer, start_trainer, wait_for, wandb_records, wandb_summary
 
 from client import MetricsClient, protocol
 from client.values import short_key
-from conftest import ROOT, all_history, finish_trainer, start_trainer, wait_for, wandb_records, wandb_summary
 
 HEAD = """
 import json, math, sys
@@ -74,7 +73,7 @@ def test_a_step_wider_than_a_frame_is_delivered_whole_and_the_stream_goes_on(env
     assert dups == 0
     long_key = "router/" + "expert_utilisation_" * 20
     for step in range(1, 4):
-        expected = {f"moe/layer{l:02d}/expert{e:03d}": step + l / 100 + e / 1e5 for l in range(24) for e in range(128)}
+        expected = {f"moe/layer{layer:02d}/expert{e:03d}": step + layer / 100 + e / 1e5 for layer in range(24) for e in range(128)}
         expected[short_key(long_key, 256)] = float(step)
         assert rows[step] == expected  # one row per step: wandb merged the frames
     assert {s: rows[s] for s in range(4, 21)} == {s: {"loss": 1.0 / s} for s in range(4, 21)}

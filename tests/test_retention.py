@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import Env, finish_trainer, run_trainer, start_trainer, wait_for
+
 from devtools.fakewandb import FakeWandb
 from sidecar.retention import finished_at, parse_duration, parse_size
 from sidecar.spool import dir_bytes

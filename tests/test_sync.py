@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_trainer
-from devtools.fakewandb import FakeWandb
 from trainer import eval_metrics, train_metrics
+
+from devtools.fakewandb import FakeWandb
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import wandb_history
+
 from sidecar.txlog import TransactionLog
 
 SCRIPT = """

@@ -7,13 +7,13 @@ real wandb-core talks to; nothing of wandb is mocked.
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_trainer, wait_for
+from trainer import train_metrics
+
+from client import protocol
 from devtools.fakewandb import FakeWandb
 from sidecar.record import decode_record
 from sidecar.spool import Spool
-from client import protocol
-from trainer import train_metrics
 
 
 @pytest.fixture
