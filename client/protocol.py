@@ -393,7 +393,9 @@ def _wandb_init(opts: Any, limits: Limits) -> dict[str, Any]:
             raise ProtocolError("bad_field", f"wandb option {key!r} is not one of {WANDB_INIT_KEYS}")
         items = value if key == "tags" and isinstance(value, list) else [value]
         if not all(isinstance(v, str) and len(v) <= limits.max_str_len for v in items):
-            raise ProtocolError("bad_field", f"wandb option {key!r} must be text" + (" or a list of text" if key == "tags" else ""))
+            raise ProtocolError(
+                "bad_field", f"wandb option {key!r} must be text" + (" or a list of text" if key == "tags" else "")
+            )
     return opts
 
 
@@ -512,4 +514,3 @@ def decode_response(raw: bytes) -> Response:
     if t == "reply":
         return Reply(body=_field(obj, "body", (dict,)))
     raise ProtocolError("unknown_type", f"reply type {t!r}")
-

@@ -53,7 +53,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Out-of-process Weights & Biases metrics for training jobs."""
 
@@ -109,7 +111,9 @@ def serve(**options: Any) -> None:
 @app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
 @with_options("run")
 def run(
-    command: List[str] = typer.Argument(..., metavar="-- COMMAND", help="The training command, e.g. torchrun --nproc-per-node 8 train.py."),
+    command: List[str] = typer.Argument(
+        ..., metavar="-- COMMAND", help="The training command, e.g. torchrun --nproc-per-node 8 train.py."
+    ),
     **options: Any,
 ) -> None:
     """Run COMMAND under a sidecar: start one (or use the one already serving), export
@@ -139,9 +143,13 @@ def status(
     address: Optional[str] = AddressOpt,
     spool_dir: Optional[Path] = SpoolOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON (every run)."),
-    show_all: bool = typer.Option(False, "--all", "-A", help="Show every run in the spool, finished and uploaded ones too."),
+    show_all: bool = typer.Option(
+        False, "--all", "-A", help="Show every run in the spool, finished and uploaded ones too."
+    ),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh in place until Ctrl-C."),
-    interval: float = typer.Option(2.0, "--interval", callback=positive, help="Seconds between refreshes with --watch."),
+    interval: float = typer.Option(
+        2.0, "--interval", callback=positive, help="Seconds between refreshes with --watch."
+    ),
     timeout: float = typer.Option(2.0, "--timeout", callback=positive, help="Seconds to wait for the sidecar."),
 ) -> None:
     """Show the runs that are live or have frames pending (--all: every run), their state and
@@ -172,13 +180,17 @@ def status(
 @app.command()
 def stop(
     address: Optional[str] = AddressOpt,
-    timeout: float = typer.Option(60.0, "--timeout", callback=positive, help="Seconds to wait for the sidecar to drain and exit."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", callback=positive, help="Seconds to wait for the sidecar to drain and exit."
+    ),
 ) -> None:
     """Ask the sidecar to drain and exit; waits until it has."""
     addr = resolve(address)
     body = control(addr, "status", 5.0)
     if body is None or control(addr, "stop", 5.0) is None:
-        fail(command="stop", message=f"no sidecar answers on {addr} (see `kforge-sidecar status`, or give its --address)")
+        fail(
+            command="stop", message=f"no sidecar answers on {addr} (see `kforge-sidecar status`, or give its --address)"
+        )
     pid = body["sidecar"]["pid"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -186,7 +198,10 @@ def stop(
             typer.echo(f"sidecar (pid {pid}) drained and stopped")
             return
         time.sleep(0.1)
-    fail(command="stop", message=f"the sidecar on {addr} (pid {pid}) is still draining after {timeout:g}s; wait, or raise --timeout")
+    fail(
+        command="stop",
+        message=f"the sidecar on {addr} (pid {pid}) is still draining after {timeout:g}s; wait, or raise --timeout",
+    )
 
 
 def _spool_root(spool_dir: Optional[Path], command: str) -> Path:
@@ -200,9 +215,14 @@ def _spool_root(spool_dir: Optional[Path], command: str) -> Path:
     if spool_dir is None and not os.environ.get("KFORGE_SPOOL_DIR") and spools_under(legacy):
         hint = f"; older versions spooled in {legacy}: {PROG} {command} --spool-dir {legacy}"
     if not root.exists():
-        fail(command=command, message=f"no spool at {root} (no such directory){hint or '; point --spool-dir at a spool or a directory of spools'}")
+        fail(
+            command=command,
+            message=f"no spool at {root} (no such directory){hint or '; point --spool-dir at a spool or a directory of spools'}",
+        )
     if not root.is_dir():
-        fail(command=command, message=f"{root} is not a directory; point --spool-dir at a spool or a directory of spools")
+        fail(
+            command=command, message=f"{root} is not a directory; point --spool-dir at a spool or a directory of spools"
+        )
     if not spools_under(root):
         fail(command=command, message=f"no spool in {root} (no runs/ directory in it or below it){hint}")
     return root
@@ -210,7 +230,9 @@ def _spool_root(spool_dir: Optional[Path], command: str) -> Path:
 
 @app.command()
 def sync(
-    run_ids: Optional[List[str]] = typer.Argument(None, help="Runs to upload (default: every run with something left)."),
+    run_ids: Optional[List[str]] = typer.Argument(
+        None, help="Runs to upload (default: every run with something left)."
+    ),
     spool_dir: Optional[Path] = SpoolOpt,
     init_timeout: float = option("init_timeout").typer_option(),
     finish_timeout: float = option("finish_timeout").typer_option(300.0),

@@ -251,7 +251,9 @@ class Uploader:
         self._trust_all()
         if exit_code is not None and final:
             self.state.state = UploadState.FINISHED
-            log.info("run %s: finished (exit code %d, %d frames uploaded)", self.spool.run_id, exit_code, self.state.uploaded)
+            log.info(
+                "run %s: finished (exit code %d, %d frames uploaded)", self.spool.run_id, exit_code, self.state.uploaded
+            )
         else:
             self.state.state = UploadState.WAITING
         self._save(force=True)

@@ -52,7 +52,9 @@ class DeadTrainers:
         """A session of the run is alive: its pid runs (a trainer on this host), and it
         was heard from within ``session_timeout``."""
         now = time.monotonic()
-        return any(self.ledger.sessions[s].alive(now, session_timeout) for s in run.sessions if s in self.ledger.sessions)
+        return any(
+            self.ledger.sessions[s].alive(now, session_timeout) for s in run.sessions if s in self.ledger.sessions
+        )
 
     def _close(self, run: RunState) -> None:
         session = f"sidecar-{run.meta.run_id}"[:64]  # the sidecar's own session: no client's seqs are touched

@@ -170,7 +170,9 @@ class Launcher:
         argv = serve_argv(replace(self.cfg, lifetime=replace(self.cfg.lifetime, parent_pid=os.getpid())))
         # Its own session: a Ctrl-C at the terminal or a signal to our process group must not
         # stop it before COMMAND has closed its client; we stop it once COMMAND has exited.
-        self.sidecar = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), start_new_session=True)
+        self.sidecar = proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), start_new_session=True
+        )
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline and not self.signals:
             code = proc.poll()
@@ -197,7 +199,11 @@ class Launcher:
             return
         code = proc.poll()
         if code is not None:
-            log.warning("the sidecar (pid %d) exited early (code %d); what it had not uploaded waits in the spool", proc.pid, code)
+            log.warning(
+                "the sidecar (pid %d) exited early (code %d); what it had not uploaded waits in the spool",
+                proc.pid,
+                code,
+            )
             return
         log.info("draining the sidecar (pid %d, up to %gs)", proc.pid, self.cfg.lifetime.drain_timeout)
         proc.send_signal(signal.SIGTERM)

@@ -92,7 +92,10 @@ class Receiver:
             sess.last_seen = time.monotonic()
         if isinstance(msg, Ping):
             if sess is None:  # e.g. this sidecar restarted with a fresh spool: the client says hello again
-                self.outbox.send(identity, protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION))
+                self.outbox.send(
+                    identity,
+                    protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION),
+                )
         elif isinstance(msg, Hello):
             self._hello(identity, msg, raw)
         else:
@@ -111,7 +114,9 @@ class Receiver:
             refusal = self._over_capacity(run)
             if refusal:
                 self.rejected["capacity"] += 1
-                log.warning("run %s: refusing session %s (pid %d, host %s): %s", run_id, msg.session, msg.pid, msg.host, refusal)
+                log.warning(
+                    "run %s: refusing session %s (pid %d, host %s): %s", run_id, msg.session, msg.pid, msg.host, refusal
+                )
                 self.outbox.send(identity, protocol.Error(msg.session, refusal, fatal=True, code=protocol.E_FATAL))
                 return
             try:
@@ -124,7 +129,14 @@ class Receiver:
                     rs.log.open_for_append()
                     run = self.runs[run_id] = RunState(spool=rs, meta=meta)
                     run.take_snapshot(self.sessions)
-                    log.info("run %s: new (project=%s name=%s pid=%d host=%s)", run_id, msg.project, msg.name, msg.pid, msg.host)
+                    log.info(
+                        "run %s: new (project=%s name=%s pid=%d host=%s)",
+                        run_id,
+                        msg.project,
+                        msg.name,
+                        msg.pid,
+                        msg.host,
+                    )
                 else:
                     log.info("run %s: session %s attached (pid=%d host=%s)", run_id, msg.session, msg.pid, msg.host)
                     if run.orphaned_since is not None:
@@ -134,7 +146,9 @@ class Receiver:
                 run.spool.log.append(raw)
             except OSError as exc:
                 self.ledger.disk_failed(run_id, exc)
-                self.outbox.send(identity, protocol.Error(msg.session, f"spool unwritable: {exc}", code=protocol.E_DISK))
+                self.outbox.send(
+                    identity, protocol.Error(msg.session, f"spool unwritable: {exc}", code=protocol.E_DISK)
+                )
                 return
             self.ledger.apply(run, msg)
             run.dirty = True
@@ -145,7 +159,10 @@ class Receiver:
             run.client_dropped = min(run.client_dropped + msg.first - 1 - sess.seq, protocol.INT64_MAX)
             log.warning(
                 "run %s: session %s dropped frames %d..%d before they reached the sidecar (client buffer full)",
-                sess.run_id, sess.session, sess.seq + 1, msg.first - 1,
+                sess.run_id,
+                sess.session,
+                sess.seq + 1,
+                msg.first - 1,
             )
             sess.seq = msg.first - 1
         self.outbox.welcome(sess)
@@ -156,7 +173,9 @@ class Receiver:
         if run is None:
             open_runs = sum(1 for r in self.runs.values() if not r.closed)
             if open_runs >= self.max_runs:
-                return f"this sidecar already has {open_runs} open runs (--max-runs {self.max_runs}); not opening another"
+                return (
+                    f"this sidecar already has {open_runs} open runs (--max-runs {self.max_runs}); not opening another"
+                )
         elif len(run.sessions) >= MAX_SESSIONS_PER_RUN:
             return f"run already had {len(run.sessions)} trainer sessions; not attaching another"
         return None
@@ -198,7 +217,10 @@ class Receiver:
         sess = self.sessions.get(msg.session)
         if sess is None:
             # e.g. the hello was lost with a dead connection: the client says hello again.
-            self.outbox.send(identity, protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION))
+            self.outbox.send(
+                identity,
+                protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION),
+            )
             return
         sess.identity = identity
         if msg.seq <= sess.seq:  # a resend of what we have
@@ -236,7 +258,9 @@ class Receiver:
         if identity is not None:
             # A rejected hello is fatal too: the client could only repeat it, forever.
             fatal = exc.reason == "version" or _is_hello(raw)
-            self.outbox.send(identity, protocol.Error(None, str(exc), fatal=fatal, code=protocol.E_FATAL if fatal else ""))
+            self.outbox.send(
+                identity, protocol.Error(None, str(exc), fatal=fatal, code=protocol.E_FATAL if fatal else "")
+            )
 
     def _log_reject(self, exc: ProtocolError, where: str = "") -> None:
         now = time.monotonic()
@@ -244,7 +268,9 @@ class Receiver:
         if now - self._last_reject_log.get(exc.reason, -1e9) >= 10.0:
             self._last_reject_log[exc.reason] = now
             context = f" ({where})" if where else ""
-            log.warning("rejected frame%s: %s (%d rejected for this reason so far)", context, exc, self.rejected[exc.reason])
+            log.warning(
+                "rejected frame%s: %s (%d rejected for this reason so far)", context, exc, self.rejected[exc.reason]
+            )
 
     def internal_error(self, exc: BaseException, parts: list[bytes]) -> None:
         """A bug met while handling one message: counted and logged with context; the

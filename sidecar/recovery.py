@@ -30,7 +30,9 @@ def recover(ledger: Ledger, spool: Spool) -> None:
         run = RunState(spool=rs, meta=meta)
 
         def unreadable(rec: SpoolRecord, exc: ProtocolError, run_id: str = run_id) -> None:
-            log.error("run %s: unreadable spool record at offset %d: %s", run_id, rec.offset, exc)  # cannot happen for frames we validated
+            log.error(
+                "run %s: unreadable spool record at offset %d: %s", run_id, rec.offset, exc
+            )  # cannot happen for frames we validated
 
         for _rec, msg in messages(rs.log, on_bad=unreadable):
             ledger.apply(run, msg)

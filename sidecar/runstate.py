@@ -83,7 +83,9 @@ class Ledger:
                 sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
                 sess.local = msg.host == self.host and pid_alive(msg.pid)
         else:
-            sess = self.sessions.get(msg.session) or self.sessions.setdefault(msg.session, Session(msg.session, run.meta.run_id))
+            sess = self.sessions.get(msg.session) or self.sessions.setdefault(
+                msg.session, Session(msg.session, run.meta.run_id)
+            )
             sess.seq = msg.seq
         run.apply(msg)
 

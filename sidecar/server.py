@@ -44,7 +44,6 @@ MEASURE_EVERY = 2.0  # seconds between measurements of the spool's size and free
 OVER_CAP_LOG_EVERY = 600.0  # seconds between warnings that the spool is over its cap
 
 
-
 class StartupError(RuntimeError):
     def __init__(self, message: str, code: int):
         super().__init__(message)

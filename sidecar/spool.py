@@ -39,6 +39,7 @@ log = logging.getLogger("kforge_sidecar.spool")
 HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
 
+
 def default_spool_dir() -> Path:
     """$KFORGE_SPOOL_DIR, else ``/var/tmp/kforge-sidecar-<uid>/spool``.
 

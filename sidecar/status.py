@@ -112,9 +112,18 @@ def status_view(body: dict[str, Any], show_all: bool = False) -> Group:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
         parts.append(Text(f"rejected frames: {total}" + (f" ({detail})" if detail else "")))
         if spool.get("network_fs"):
-            parts.append(Text(f"WARNING: the spool is on a network filesystem ({spool['network_fs']}); use node-local disk", style="yellow"))
+            parts.append(
+                Text(
+                    f"WARNING: the spool is on a network filesystem ({spool['network_fs']}); use node-local disk",
+                    style="yellow",
+                )
+            )
         if (sc.get("retention") or {}).get("over_cap"):
-            parts.append(Text("WARNING: the spool is over --spool-max-bytes and holds no run that may be removed", style="yellow"))
+            parts.append(
+                Text(
+                    "WARNING: the spool is over --spool-max-bytes and holds no run that may be removed", style="yellow"
+                )
+            )
         if sc.get("disk_error"):
             parts.append(Text(f"SPOOL NOT WRITABLE: {sc['disk_error']}", style="bold red"))
     else:
@@ -145,7 +154,11 @@ def status_view(body: dict[str, Any], show_all: bool = False) -> Group:
         parts.append(table)
         for r in shown:
             if r.get("late"):
-                parts.append(Text(f"{r['run_id']}: {r['late']} rows logged below the run's current step (wandb cannot chart them; kept in the spool)"))
+                parts.append(
+                    Text(
+                        f"{r['run_id']}: {r['late']} rows logged below the run's current step (wandb cannot chart them; kept in the spool)"
+                    )
+                )
             if r.get("refused"):
                 parts.append(Text(f"{r['run_id']}: {r['refused']} frames refused by the sidecar (see its log)"))
             if r["last_error"]:
@@ -155,7 +168,12 @@ def status_view(body: dict[str, Any], show_all: bool = False) -> Group:
                 parts.append(Text(f"{r['run_id']}: wandb files in {r['wandb_dir']}"))
     hidden = len(runs) - len(shown)
     if hidden:
-        parts.append(Text(f"{hidden} finished and uploaded run{'s' if hidden != 1 else ''} not shown (--all shows them)", style="dim"))
+        parts.append(
+            Text(
+                f"{hidden} finished and uploaded run{'s' if hidden != 1 else ''} not shown (--all shows them)",
+                style="dim",
+            )
+        )
     return Group(*parts)
 
 

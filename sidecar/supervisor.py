@@ -146,7 +146,9 @@ class Supervisor:
             self._reap(time.monotonic())
             time.sleep(0.05)
         for run_id, w in self.workers.items():
-            log.error("run %s: uploader did not drain within %.0fs; killing it (frames stay in the spool)", run_id, timeout)
+            log.error(
+                "run %s: uploader did not drain within %.0fs; killing it (frames stay in the spool)", run_id, timeout
+            )
             _kill_group(w.proc)
             w.proc.wait()
         self.workers.clear()

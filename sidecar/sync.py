@@ -90,10 +90,14 @@ def sync(root: Path, run_ids: list[str], init_timeout: float, finish_timeout: fl
             st = p.run.read_uploader()
             progress.update(task, completed=max(0, st.uploaded - before))
             if proc.returncode == EXIT_LOCKED:
-                progress.console.print(f"run {p.run.run_id}: an uploader holds it (is a sidecar serving this spool?); skipped")
+                progress.console.print(
+                    f"run {p.run.run_id}: an uploader holds it (is a sidecar serving this spool?); skipped"
+                )
                 ok = False
             elif proc.returncode != EXIT_DONE or st.state in (UploadState.FAILED, UploadState.RETRYING):
-                progress.console.print(f"run {p.run.run_id}: not uploaded: {st.error or f'exit code {proc.returncode}'}")
+                progress.console.print(
+                    f"run {p.run.run_id}: not uploaded: {st.error or f'exit code {proc.returncode}'}"
+                )
                 ok = False
             else:
                 where = f" ({st.wandb_dir})" if st.wandb_dir else ""

@@ -61,7 +61,9 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sidecar.uploader")
-    p.add_argument("--config", required=True, help="UploaderConfig as JSON (config.py; the supervisor and sync write it)")
+    p.add_argument(
+        "--config", required=True, help="UploaderConfig as JSON (config.py; the supervisor and sync write it)"
+    )
     cfg = UploaderConfig.from_json(p.parse_args(argv).config)
     logging.basicConfig(
         level=cfg.log_level.upper(),

@@ -143,7 +143,9 @@ class WandbSession:
         self.offline = bool(getattr(self.run.settings, "_offline", False))
         self.txlog = TransactionLog(Path(self.run.dir).parent / f"run-{self.run.id}.wandb")
 
-    def _init(self, wandb: Any, settings: Any, opts: dict[str, Any], rewind_to: int | None, state: UploaderState) -> Any:
+    def _init(
+        self, wandb: Any, settings: Any, opts: dict[str, Any], rewind_to: int | None, state: UploaderState
+    ) -> Any:
         meta = self.meta
         opts = dict(opts)
         if rewind_to is not None:

@@ -53,12 +53,16 @@ def test_a_child_sidecar_gets_the_same_configuration(tmp_path):
     assert argv[1:4] == ["-m", "sidecar", "serve"]
     assert options.build(_parse("serve", argv[4:])) == cfg
     for other in (["--retain", "12h"], ["--system-metrics"], []):  # the defaults, and the other way round
-        cfg = options.build(_parse("run", ["--address", "ipc:///tmp/x.sock", "--spool-dir", str(tmp_path), *other, "--", "true"]))
+        cfg = options.build(
+            _parse("run", ["--address", "ipc:///tmp/x.sock", "--spool-dir", str(tmp_path), *other, "--", "true"])
+        )
         assert options.build(_parse("serve", serve_argv(cfg)[4:])) == cfg
 
 
 def test_the_uploader_gets_one_serialised_config(tmp_path):
-    cfg = options.build(_parse("serve", ["--address", "ipc:///tmp/x.sock", "--spool-dir", str(tmp_path), "--init-timeout", "9"]))
+    cfg = options.build(
+        _parse("serve", ["--address", "ipc:///tmp/x.sock", "--spool-dir", str(tmp_path), "--init-timeout", "9"])
+    )
     up = UploaderConfig.for_run(cfg, tmp_path / "runs" / "r1")
     assert up.init_timeout == 9 and up.drain_timeout == cfg.lifetime.drain_timeout and not up.sync
     assert UploaderConfig.from_json(up.to_json()) == up

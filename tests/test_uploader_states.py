@@ -161,7 +161,9 @@ def test_a_finished_run_that_a_resumed_trainer_reopened_starts_again_from_waitin
     rs = Spool(tmp_path / "spool").run("r1")
     rs.log.open_for_append()
     resumed = "session-b"
-    rs.log.append(protocol.encode(Hello(session=resumed, project="p", name=None, run_id="r1", config={}, pid=1, host="h")))
+    rs.log.append(
+        protocol.encode(Hello(session=resumed, project="p", name=None, run_id="r1", config={}, pid=1, host="h"))
+    )
     rs.log.append(protocol.encode(Metrics(session=resumed, seq=1, step=1, kind="train", time=0.0, values={"x": 1.0})))
     rs.log.append(protocol.encode(Close(resumed, 2, exit_code=0)))
     rs.log.close()
