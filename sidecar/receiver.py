@@ -41,7 +41,7 @@ MAX_SESSIONS_PER_RUN = 1000
 
 
 class Receiver:
-    def __init__(self, spool: Spool, limits: protocol.Limits, max_runs: int = 64):
+    def __init__(self, spool: Spool, limits: protocol.Limits, max_runs: int):
         self.spool = spool
         self.limits = limits
         self.max_runs = max_runs
