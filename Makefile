@@ -13,7 +13,7 @@ MIN_VENV    ?= .venv-wandb-min
 MIN_STAMP   := $(MIN_VENV)/.installed-$(WANDB_MIN)
 WANDB_TESTS := tests/test_e2e.py tests/test_transaction_log.py tests/test_wandb_failures.py
 
-.PHONY: install demo test test-wandb-min bench gpu-wheels clean
+.PHONY: install demo test lint test-wandb-min bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	timeout -k 30 $(TEST_BUDGET) $(PY) -m pytest -q -p no:cacheprovider
+
+# ruff (from the test extra; its configuration is in pyproject.toml)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # No torch here: the wandb-facing tests do not need it. They read records back with the
 # newest wandb's `wandb leet inspect` (from $(VENV)), which older releases do not have.

@@ -51,7 +51,22 @@ def metrics(torch, x) -> dict:
     """14 device scalars derived from the step's output, as a trainer's would be."""
     m = x.float().mean()
     s = x.float().abs().amax()
-    base = [m, s, m * 0 + 3e-4, s * 1e5, m.abs(), s * 1e-3, m + 10, s + 12, m + 14, s * 0.1, m * 1.01, s * 99, m * 0.4, s * 0.5]
+    base = [
+        m,
+        s,
+        m * 0 + 3e-4,
+        s * 1e5,
+        m.abs(),
+        s * 1e-3,
+        m + 10,
+        s + 12,
+        m + 14,
+        s * 0.1,
+        m * 1.01,
+        s * 99,
+        m * 0.4,
+        s * 0.5,
+    ]
     return dict(zip(KEYS, base))
 
 
@@ -126,7 +141,9 @@ def main() -> int:
         results: dict[str, list] = {s: [] for s in "abc"}
         for r in range(a.rounds):
             for scenario in "abc":
-                results[scenario].append(run(scenario, torch, x, w, a, a.steps, sinks[scenario], 1 + warm + r * a.steps))
+                results[scenario].append(
+                    run(scenario, torch, x, w, a, a.steps, sinks[scenario], 1 + warm + r * a.steps)
+                )
         closed = mc.close(timeout=60)
         run_b.finish()
         stats = mc.stats()
@@ -153,7 +170,9 @@ def main() -> int:
     }  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
-    print(f"device: {card}; {a.matmuls} bf16 matmuls of {a.dim}^2 per step; median of {a.rounds} rounds of {a.steps} steps")
+    print(
+        f"device: {card}; {a.matmuls} bf16 matmuls of {a.dim}^2 per step; median of {a.rounds} rounds of {a.steps} steps"
+    )
     print(f"{'scenario':<44}{'steps/s':>10}{'ratio to (a)':>14}{'syncs/step':>12}")
     names = {"a": "(a) no logging", "b": "(b) seed: .item() + in-process wandb.log", "c": "(c) kforge-sidecar client"}
     for s in "abc":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from log_latency import summarize, timed  # noqa: E402
 
@@ -54,7 +54,7 @@ def child(scenario: str, calls: int) -> dict | None:
     backend = mounted = None
     stopped: list[int] = []
     if scenario == "backend-down":
-        from fakewandb import FakeWandb
+        from devtools.fakewandb import FakeWandb
 
         backend = FakeWandb("hang").start()
         env.update(backend.env(WANDB_DIR=str(work)))

@@ -148,7 +148,9 @@ class SidecarBackend:
             run_id = kwargs.get("run_id")
             if run_id is not None and not protocol.RUN_ID_RE.match(run_id):
                 # resume="allow" semantics: an unusable ID starts a fresh run, it does not stop logging
-                log.warning("kforge-sidecar backend: restored run ID %r is not a valid run ID; starting a new run", run_id)
+                log.warning(
+                    "kforge-sidecar backend: restored run ID %r is not a valid run ID; starting a new run", run_id
+                )
                 kwargs["run_id"] = None
             self._client = MetricsClient(**kwargs)
         except Exception as exc:

@@ -24,7 +24,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import device, protocol, values as wire
+from . import device, protocol
+from . import values as wire
 from .address import ENV_ADDRESS, resolve_address
 from .transport import Transport
 
@@ -72,9 +73,7 @@ def _rank_from_env() -> int:
 
 def _git(cwd: str, *args: str) -> str | None:
     try:
-        r = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=2, stdin=subprocess.DEVNULL
-        )
+        r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=2, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return None
     out = r.stdout.strip()
@@ -88,7 +87,11 @@ def describe_process() -> dict[str, Any]:
     limit = protocol.DEFAULT_LIMITS.max_str_len
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    if spec is not None and getattr(spec, "name", None) and not str(getattr(main, "__file__", "")).endswith("__main__.py"):
+    if (
+        spec is not None
+        and getattr(spec, "name", None)
+        and not str(getattr(main, "__file__", "")).endswith("__main__.py")
+    ):
         program = f"-m {spec.name}"
     else:
         program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "<python>"
@@ -101,7 +104,12 @@ def describe_process() -> dict[str, Any]:
         if used > _PROCESS_ARGS_BUDGET:
             break
         args.append(a)
-    info: dict[str, Any] = {"program": program[:limit], "args": args, "cwd": cwd[:limit], "executable": sys.executable[:limit]}
+    info: dict[str, Any] = {
+        "program": program[:limit],
+        "args": args,
+        "cwd": cwd[:limit],
+        "executable": sys.executable[:limit],
+    }
     where = os.path.dirname(program) if os.path.isabs(program) else cwd
     commit = _git(where, "rev-parse", "HEAD")
     if commit:
@@ -287,9 +295,7 @@ class MetricsClient:
             if self._errors == 1:
                 log.warning("kforge-sidecar client: log() failed; dropping this call (said once)", exc_info=True)
 
-    def _enqueue_staged(
-        self, kind: str, values: dict, on_device: dict, step: Any, now: float, commit: bool
-    ) -> None:
+    def _enqueue_staged(self, kind: str, values: dict, on_device: dict, step: Any, now: float, commit: bool) -> None:
         """A call with CUDA tensors: start their copies and queue frames that the sender
         packs once the copies are done, in their place in the stream."""
         if self._staging is None:
@@ -359,7 +365,9 @@ class MetricsClient:
         except Exception:
             self._errors += 1
             if self._errors == 1:
-                log.warning("kforge-sidecar client: update_%s() failed; dropping this call (said once)", kind, exc_info=True)
+                log.warning(
+                    "kforge-sidecar client: update_%s() failed; dropping this call (said once)", kind, exc_info=True
+                )
 
     def _fit_config(self, config: dict[str, Any], what: str) -> dict[str, Any]:
         fitted, trimmed = wire.fit_config(config, _CONFIG_BUDGET)
@@ -425,7 +433,9 @@ class MetricsClient:
         self._closed = True
         deadline = time.monotonic() + max(timeout, 0.0)
         seq = next(self._seq)
-        self._outbox.append((seq, protocol.encode(protocol.Close(session=self._session, seq=seq, exit_code=int(exit_code)))))
+        self._outbox.append(
+            (seq, protocol.encode(protocol.Close(session=self._session, seq=seq, exit_code=int(exit_code))))
+        )
         self._last_seq = seq
         t = self._transport
         started = time.monotonic()
@@ -462,8 +472,18 @@ class MetricsClient:
     def stats(self) -> ClientStats:
         t = self._transport
         if t is None:
-            return ClientStats(self._logged, 0, 0, 0, 0, self._dropped_values, self._errors, 0, self._late,
-                               self._staging.dropped if self._staging else 0)
+            return ClientStats(
+                self._logged,
+                0,
+                0,
+                0,
+                0,
+                self._dropped_values,
+                self._errors,
+                0,
+                self._late,
+                self._staging.dropped if self._staging else 0,
+            )
         c = t.counters
         return ClientStats(
             logged=self._logged,

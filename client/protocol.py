@@ -49,11 +49,11 @@ from typing import Any, Mapping, Union
 
 import msgpack
 
+from .ids import RUN_ID_RE  # noqa: F401  (part of the protocol: a hello's run_id)
+
 PROTOCOL_VERSION = 1
 
 KINDS = ("train", "eval")
-# wandb run IDs: letters, digits, dash and underscore; also a spool directory name.
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 # Per-run wandb.init options a client may set; everything else comes from the
 # sidecar's environment. "base_url" goes into wandb.Settings.
@@ -393,7 +393,9 @@ def _wandb_init(opts: Any, limits: Limits) -> dict[str, Any]:
             raise ProtocolError("bad_field", f"wandb option {key!r} is not one of {WANDB_INIT_KEYS}")
         items = value if key == "tags" and isinstance(value, list) else [value]
         if not all(isinstance(v, str) and len(v) <= limits.max_str_len for v in items):
-            raise ProtocolError("bad_field", f"wandb option {key!r} must be text" + (" or a list of text" if key == "tags" else ""))
+            raise ProtocolError(
+                "bad_field", f"wandb option {key!r} must be text" + (" or a list of text" if key == "tags" else "")
+            )
     return opts
 
 
@@ -512,4 +514,3 @@ def decode_response(raw: bytes) -> Response:
     if t == "reply":
         return Reply(body=_field(obj, "body", (dict,)))
     raise ProtocolError("unknown_type", f"reply type {t!r}")
-

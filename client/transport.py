@@ -39,7 +39,6 @@ from .address import ENV_ADDRESS
 log = logging.getLogger("kforge_sidecar.client")
 
 
-
 @dataclass
 class Counters:
     """Written by the sender thread only; read by stats() from any thread."""

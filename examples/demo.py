@@ -73,7 +73,9 @@ def main() -> int:
     summary = json.loads(
         subprocess.run(
             [str(Path(py).parent / "wandb"), "leet", "inspect", "--summary", "--json", str(files[0])],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout  # fmt: skip
     )
     s = summary["summary"]

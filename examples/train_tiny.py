@@ -143,7 +143,9 @@ def main() -> int:
             time.sleep(a.step_sleep)
 
     ok = mc.close(timeout=30)
-    print(json.dumps({"run_id": mc.run_id, "last_step": a.steps, "closed": ok, "stats": mc.stats().__dict__}), flush=True)
+    print(
+        json.dumps({"run_id": mc.run_id, "last_step": a.steps, "closed": ok, "stats": mc.stats().__dict__}), flush=True
+    )
     return 0
 
 

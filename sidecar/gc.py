@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from .retention import RetentionPolicy, describe, format_bytes, plan, remove_run, removable, sweep_trash
+from .retention import RetentionPolicy, describe, format_bytes, plan, removable, remove_run, sweep_trash
 from .spool import Spool
 from .status import offline_status
 from .sync import spools_under

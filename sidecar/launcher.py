@@ -20,27 +20,26 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from client.address import ENV_ADDRESS, default_socket_dir, ipc_path
+from client.address import ENV_ADDRESS, default_socket_dir
 
+from . import options
 from .config import ServeConfig
-from .spool import default_spool_dir
+from .control import serving
+from .exits import EXIT_CANNOT_EXECUTE, EXIT_IN_USE, EXIT_NO_SIDECAR, EXIT_NOT_FOUND
 from .proc import pid_alive
-from .server import EXIT_IN_USE
+from .spool import default_spool_dir
 
 log = logging.getLogger("kforge_sidecar.run")
 
-EXIT_NO_SIDECAR = 125
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 READY_TIMEOUT = 30.0  # seconds a new sidecar gets to answer
 STOP_MARGIN = 15.0  # seconds beyond --drain-timeout for the sidecar to exit
 
@@ -66,53 +65,7 @@ def job_spool_dir(environ: dict[str, str] = os.environ) -> Path | None:  # type:
 
 def serve_argv(cfg: ServeConfig) -> list[str]:
     """The ``serve`` command line of a sidecar process configured as ``cfg``."""
-    argv = [
-        sys.executable, "-m", "sidecar", "serve",
-        "--address", cfg.address,
-        "--spool-dir", str(cfg.spool_dir),
-        "--log-level", cfg.log_level,
-        "--drain-timeout", str(cfg.drain_timeout),
-        "--init-timeout", str(cfg.init_timeout),
-        "--finish-timeout", str(cfg.finish_timeout),
-        "--commit-interval-ms", str(cfg.commit_interval * 1000.0),
-        "--heartbeat-timeout", str(cfg.heartbeat_timeout),
-        "--retry-backoff", str(cfg.retry_backoff),
-        "--retry-backoff-max", str(cfg.retry_backoff_max),
-        "--wandb-flush-interval", str(cfg.flush_interval),
-        "--session-timeout", str(cfg.session_timeout),
-        "--resume-grace", str(cfg.resume_grace),
-        "--max-runs", str(cfg.max_runs),
-        "--system-metrics" if cfg.system_metrics else "--no-system-metrics",
-    ]  # fmt: skip
-    if cfg.log_file is not None:
-        argv += ["--log-file", str(cfg.log_file)]
-    if cfg.parent_pid is not None:
-        argv += ["--parent-pid", str(cfg.parent_pid)]
-    if cfg.idle_timeout is not None:
-        argv += ["--idle-timeout", str(cfg.idle_timeout)]
-    ret = cfg.retention
-    argv += ["--retain", "never" if ret.retain is None else str(ret.retain)]
-    if ret.max_bytes is not None:
-        argv += ["--spool-max-bytes", str(ret.max_bytes)]
-    if cfg.metrics_port is not None:
-        argv += ["--metrics-port", str(cfg.metrics_port), "--metrics-host", cfg.metrics_host]
-    if cfg.metrics_textfile is not None:
-        argv += ["--metrics-textfile", str(cfg.metrics_textfile)]
-    return argv
-
-
-def serving(address: str, timeout: float = 2.0) -> dict | None:
-    """The ``sidecar`` part of the status of whoever serves ``address``, or None."""
-    from .cli import control
-
-    path = ipc_path(address)
-    if path is not None and not path.exists():
-        return None  # nothing bound there: no need to wait for an answer
-    try:
-        body = control(address, "status", timeout)
-    except Exception:  # something answered, but not a sidecar we can talk to
-        return None
-    return (body or {}).get("sidecar")
+    return [sys.executable, "-m", "sidecar", "serve", *options.argv(cfg)]
 
 
 class Launcher:
@@ -121,7 +74,8 @@ class Launcher:
         self.command = command
         self.child: subprocess.Popen | None = None
         self.sidecar: subprocess.Popen | None = None  # only one that we started
-        self.signals: list[int] = []
+        self.signals: list[int] = []  # every SIGTERM/SIGINT received
+        self._unhandled: list[int] = []  # those the main loop has not acted on yet
         self._tty: int | None = None
 
     def run(self) -> int:
@@ -137,6 +91,7 @@ class Launcher:
         try:
             if not self._ensure_sidecar():
                 return EXIT_NO_SIDECAR
+            self._handle_signals()
             if self.signals:  # told to stop before COMMAND began
                 return 128 + self.signals[0]
             try:
@@ -144,7 +99,7 @@ class Launcher:
             except OSError as exc:
                 log.error("cannot run %s: %s", self.command[0], exc)
                 return EXIT_CANNOT_EXECUTE
-            code = self.child.wait()
+            code = self._wait(self.child)
             return 128 - code if code < 0 else code
         finally:
             self._stop_sidecar()
@@ -154,13 +109,33 @@ class Launcher:
     # ---------------------------------------------------------------- signals
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
+        """The handler: notes the signal; the main loop acts on it (_handle_signals)."""
         self.signals.append(signum)
+        self._unhandled.append(signum)
+
+    def _wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int:
+        """proc.wait(), acting on signals meanwhile. Raises TimeoutExpired as wait() does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._handle_signals()
+            code = proc.poll()
+            if code is not None:
+                return code
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout or 0)
+            time.sleep(0.02)
+
+    def _handle_signals(self) -> None:
+        while self._unhandled:
+            self._act_on(self._unhandled.pop(0))
+
+    def _act_on(self, signum: int) -> None:
+        name = signal.Signals(signum).name
         child = self.child
         if child is None:
             log.info("%s: not starting %s", name, self.command[0])
         elif child.returncode is not None:
-            log.info("%s: already draining the sidecar (up to %gs)", name, self.cfg.drain_timeout)
+            log.info("%s: already draining the sidecar (up to %gs)", name, self.cfg.lifetime.drain_timeout)
         elif signum == signal.SIGINT and self._from_terminal():
             log.info("SIGINT from the terminal: %s got it too; waiting for it to exit", self.command[0])
         else:
@@ -187,15 +162,17 @@ class Launcher:
         found = serving(addr)
         if found is not None and found.get("stopping"):
             log.info("the sidecar on %s (pid %d) is draining; waiting for it to exit", addr, found["pid"])
-            _wait_gone(found["pid"], self.cfg.drain_timeout + STOP_MARGIN)
+            _wait_gone(found["pid"], self.cfg.lifetime.drain_timeout + STOP_MARGIN)
             found = None
         if found is not None:
             log.info("using the sidecar already serving %s (pid %d); it stays running", addr, found["pid"])
             return True
-        argv = serve_argv(replace(self.cfg, parent_pid=os.getpid()))
+        argv = serve_argv(replace(self.cfg, lifetime=replace(self.cfg.lifetime, parent_pid=os.getpid())))
         # Its own session: a Ctrl-C at the terminal or a signal to our process group must not
         # stop it before COMMAND has closed its client; we stop it once COMMAND has exited.
-        self.sidecar = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), start_new_session=True)
+        self.sidecar = proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), start_new_session=True
+        )
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline and not self.signals:
             code = proc.poll()
@@ -222,12 +199,16 @@ class Launcher:
             return
         code = proc.poll()
         if code is not None:
-            log.warning("the sidecar (pid %d) exited early (code %d); what it had not uploaded waits in the spool", proc.pid, code)
+            log.warning(
+                "the sidecar (pid %d) exited early (code %d); what it had not uploaded waits in the spool",
+                proc.pid,
+                code,
+            )
             return
-        log.info("draining the sidecar (pid %d, up to %gs)", proc.pid, self.cfg.drain_timeout)
+        log.info("draining the sidecar (pid %d, up to %gs)", proc.pid, self.cfg.lifetime.drain_timeout)
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(self.cfg.drain_timeout + STOP_MARGIN)
+            code = self._wait(proc, self.cfg.lifetime.drain_timeout + STOP_MARGIN)
         except subprocess.TimeoutExpired:
             log.error("the sidecar (pid %d) did not exit in time; killing it (frames stay in the spool)", proc.pid)
             try:

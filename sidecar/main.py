@@ -12,9 +12,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from .exits import EXIT_MISSING_DEPS
+
 # import name -> distribution name, for the message
 DAEMON_DEPS = {"typer": "typer", "rich": "rich", "wandb": "wandb", "prometheus_client": "prometheus-client"}
-EXIT_MISSING_DEPS = 1
 
 
 def missing_deps() -> list[str]:

@@ -37,12 +37,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .config import ServeConfig
+from .spool import UploadState
 
 log = logging.getLogger("kforge_sidecar.metrics")
 
 NS = "kforge_sidecar"
 SNAPSHOT_EVERY = 1.0  # seconds
-STATES = ("waiting", "initializing", "live", "retrying", "failed", "finished")
+STATES = tuple(s.value for s in UploadState)
 REJECT_REASONS = ("malformed", "version", "unknown_type", "bad_field", "bad_value", "too_many", "oversize")
 FAILURE_REASONS = ("retry", "wedged", "crash")
 COUNTED = ("received", "acknowledged", "uploaded", "client_dropped")  # per run, summed into counters
@@ -108,23 +109,49 @@ class SidecarCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"{NS}_{name}", doc, value=value)
 
-        info = GaugeMetricFamily(f"{NS}_info", "The sidecar: version, address and spool (always 1).", labels=["version", "address", "spool_dir"])
+        info = GaugeMetricFamily(
+            f"{NS}_info",
+            "The sidecar: version, address and spool (always 1).",
+            labels=["version", "address", "spool_dir"],
+        )
         info.add_metric([sc.get("version") or "unknown", sc["address"], sc["spool_dir"]], 1)
         yield info
         yield gauge("uptime_seconds", "Seconds since this sidecar started.", sc["uptime"])
         yield counter("frames_received_total", "Metrics frames written to the spool.", totals["received"])
-        yield counter("frames_acknowledged_total", "Metrics frames acknowledged to clients (durable in the spool).", totals["acknowledged"])
+        yield counter(
+            "frames_acknowledged_total",
+            "Metrics frames acknowledged to clients (durable in the spool).",
+            totals["acknowledged"],
+        )
         yield counter("frames_uploaded_total", "Metrics frames handed to wandb.", totals["uploaded"])
-        yield gauge("frames_pending", "Frames in the spool not yet handed to wandb (the upload queue).", sum(r["pending"] for r in runs))
+        yield gauge(
+            "frames_pending",
+            "Frames in the spool not yet handed to wandb (the upload queue).",
+            sum(r["pending"] for r in runs),
+        )
         ages = [r["oldest_pending_age"] for r in runs if r.get("oldest_pending_age") is not None]
-        yield gauge("oldest_pending_frame_age_seconds", "Age of the oldest frame not yet handed to wandb (0 when none).", max(ages, default=0.0))
-        rejected = CounterMetricFamily(f"{NS}_frames_rejected", "Frames rejected as invalid, by reason.", labels=["reason"])
+        yield gauge(
+            "oldest_pending_frame_age_seconds",
+            "Age of the oldest frame not yet handed to wandb (0 when none).",
+            max(ages, default=0.0),
+        )
+        rejected = CounterMetricFamily(
+            f"{NS}_frames_rejected", "Frames rejected as invalid, by reason.", labels=["reason"]
+        )
         by_reason = dict.fromkeys(REJECT_REASONS, 0) | dict(sc.get("rejected") or {})
         for reason, n in sorted(by_reason.items()):
             rejected.add_metric([reason], n)
         yield rejected
-        yield counter("frames_duplicate_total", "Frames a client sent again that the spool already had (dropped).", sc.get("duplicates") or 0)
-        yield counter("client_dropped_frames_total", "Frames clients dropped before they reached the sidecar (client buffer full).", totals["client_dropped"])
+        yield counter(
+            "frames_duplicate_total",
+            "Frames a client sent again that the spool already had (dropped).",
+            sc.get("duplicates") or 0,
+        )
+        yield counter(
+            "client_dropped_frames_total",
+            "Frames clients dropped before they reached the sidecar (client buffer full).",
+            totals["client_dropped"],
+        )
         states = GaugeMetricFamily(f"{NS}_runs", "Runs in the spool, by upload state.", labels=["state"])
         counts = dict.fromkeys(STATES, 0)
         for r in runs:
@@ -134,7 +161,9 @@ class SidecarCollector(Collector):
         yield states
         yield gauge("uploader_processes", "Uploader processes running.", sc.get("uploader_processes") or 0)
         failures = dict.fromkeys(FAILURE_REASONS, 0) | dict(sc.get("uploader_failures") or {})
-        yield counter("uploader_restarts_total", "Uploader processes restarted after a failure.", sum(failures.values()))
+        yield counter(
+            "uploader_restarts_total", "Uploader processes restarted after a failure.", sum(failures.values())
+        )
         failed = CounterMetricFamily(
             f"{NS}_uploader_failures",
             "Uploader exits other than a clean one, by reason: retry (wandb failed transiently; retried after a backoff), "
@@ -146,15 +175,35 @@ class SidecarCollector(Collector):
         yield failed
         spool = sc.get("spool") or {}
         yield gauge("spool_bytes", "Bytes on disk in the spool.", spool.get("bytes"))
-        yield gauge("spool_free_bytes", "Free bytes on the spool's filesystem (for this user).", spool.get("free_bytes"))
-        yield gauge("spool_writable", "1 while the spool takes writes, 0 while a write or fsync fails (nothing is acknowledged).", 0 if sc.get("disk_error") else 1)
-        yield gauge("spool_on_network_fs", "1 if the spool is on a network filesystem (put it on node-local disk).", 1 if spool.get("network_fs") else 0)
+        yield gauge(
+            "spool_free_bytes", "Free bytes on the spool's filesystem (for this user).", spool.get("free_bytes")
+        )
+        yield gauge(
+            "spool_writable",
+            "1 while the spool takes writes, 0 while a write or fsync fails (nothing is acknowledged).",
+            0 if sc.get("disk_error") else 1,
+        )
+        yield gauge(
+            "spool_on_network_fs",
+            "1 if the spool is on a network filesystem (put it on node-local disk).",
+            1 if spool.get("network_fs") else 0,
+        )
         ret = sc.get("retention") or {}
         if ret.get("max_bytes") is not None:
             yield gauge("spool_max_bytes", "The spool's size cap (--spool-max-bytes).", ret["max_bytes"])
-        yield gauge("spool_over_cap", "1 while the spool is over its size cap and no run in it may be removed.", 1 if ret.get("over_cap") else 0)
-        yield counter("spool_removed_runs_total", "Finished and uploaded runs removed from the spool (retention or size cap).", ret.get("removed_runs") or 0)
-        yield counter("spool_removed_bytes_total", "Bytes freed by removing runs from the spool.", ret.get("removed_bytes") or 0)
+        yield gauge(
+            "spool_over_cap",
+            "1 while the spool is over its size cap and no run in it may be removed.",
+            1 if ret.get("over_cap") else 0,
+        )
+        yield counter(
+            "spool_removed_runs_total",
+            "Finished and uploaded runs removed from the spool (retention or size cap).",
+            ret.get("removed_runs") or 0,
+        )
+        yield counter(
+            "spool_removed_bytes_total", "Bytes freed by removing runs from the spool.", ret.get("removed_bytes") or 0
+        )
 
 
 class Labelled(Collector):
@@ -196,31 +245,33 @@ class Exporter:
     def start(self) -> "Exporter":
         self.refresh()
         cfg = self.cfg
-        if cfg.metrics_textfile is not None:
+        if cfg.metrics.textfile is not None:
             try:
                 self.write()
             except OSError as exc:
                 raise MetricsError(
-                    f"cannot write --metrics-textfile {cfg.metrics_textfile}: {exc.strerror or exc} "
+                    f"cannot write --metrics-textfile {cfg.metrics.textfile}: {exc.strerror or exc} "
                     "(its directory must exist and be writable; node_exporter reads *.prom files)"
                 ) from None
             self._last_write = time.monotonic()
-            log.info("metrics: writing %s every %gs", cfg.metrics_textfile, cfg.metrics_interval)
-        if cfg.metrics_port is not None:
+            log.info("metrics: writing %s every %gs", cfg.metrics.textfile, cfg.metrics.interval)
+        if cfg.metrics.port is not None:
             try:
-                self.httpd, self._thread = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.registry)
+                self.httpd, self._thread = start_http_server(
+                    cfg.metrics.port, addr=cfg.metrics.host, registry=self.registry
+                )
             except OSError as exc:
                 raise MetricsError(
-                    f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc.strerror or exc}; "
+                    f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror or exc}; "
                     "choose another --metrics-port (0 picks a free one)"
                 ) from None
-            host = cfg.metrics_host if ":" not in cfg.metrics_host else f"[{cfg.metrics_host}]"
+            host = cfg.metrics.host if ":" not in cfg.metrics.host else f"[{cfg.metrics.host}]"
             self.url = f"http://{host}:{self.httpd.server_port}/metrics"
             log.info("metrics: serving %s", self.url)
         return self
 
     def where(self) -> dict[str, str | None]:
-        return {"url": self.url, "textfile": str(self.cfg.metrics_textfile) if self.cfg.metrics_textfile else None}
+        return {"url": self.url, "textfile": str(self.cfg.metrics.textfile) if self.cfg.metrics.textfile else None}
 
     def refresh(self) -> None:
         body = self.server.status()
@@ -231,25 +282,25 @@ class Exporter:
         if now - self._last_snapshot >= SNAPSHOT_EVERY:
             self._last_snapshot = now
             self.refresh()
-        if self.cfg.metrics_textfile is not None and now - self._last_write >= self.cfg.metrics_interval:
+        if self.cfg.metrics.textfile is not None and now - self._last_write >= self.cfg.metrics.interval:
             self._last_write = now
             try:
                 self.write()
             except OSError as exc:
-                log.error("metrics: cannot write %s: %s; will try again", self.cfg.metrics_textfile, exc)
+                log.error("metrics: cannot write %s: %s; will try again", self.cfg.metrics.textfile, exc)
 
     def write(self) -> None:
         # write_to_textfile writes PATH.<pid>.<thread> beside it and renames it over PATH
-        write_to_textfile(str(self.cfg.metrics_textfile), self.file_registry)
+        write_to_textfile(str(self.cfg.metrics.textfile), self.file_registry)
 
     def stop(self) -> None:
         if self.httpd is not None:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
-        if self.cfg.metrics_textfile is not None:
+        if self.cfg.metrics.textfile is not None:
             try:
-                os.unlink(self.cfg.metrics_textfile)  # a stopped sidecar has no health to report
+                os.unlink(self.cfg.metrics.textfile)  # a stopped sidecar has no health to report
             except OSError:
                 pass
 

@@ -1,26 +1,24 @@
-"""The receiver: validates frames, appends them to the spool, acknowledges them once durable.
+"""The receiver: validates frames, deduplicates them, appends them to the spool.
 
 It never calls wandb and never blocks on anything but its own socket and the
 local disk. Per client session it keeps the highest sequence number in the
 spool; a duplicate (a resend) is acknowledged again and not stored twice, a
 gap (frames lost in a dead connection) is answered with one nack so the
-client resends from there.
+client resends from there. A frame that fails validation is refused (its seq
+used up) or rejected, and counted by reason.
 
-Group commit: ``handle`` only appends; ``commit`` fsyncs every run written
-since the last commit and then sends the acks and welcomes that were waiting
-on it. The server calls ``commit`` every few milliseconds, so one fsync covers
-many frames and durability does not cap throughput.
+The rest of the receiver's work is in its own modules, which it composes:
+runstate.py (runs and sessions in memory), recovery.py (rebuilt from the spool
+on start), dead_trainers.py (runs whose trainers died), commit.py (group
+commit and rollback: acks only once durable), replies.py (what leaves, when).
+Control requests are the server's (``handle`` returns them).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable
 
 import msgpack
 import zmq
@@ -28,9 +26,12 @@ import zmq
 from client import protocol
 from client.protocol import Close, ConfigUpdate, Control, Hello, Metrics, Ping, ProtocolError, Refused, SummaryUpdate
 
-from .proc import pid_alive
-from .spool import RunMeta, RunSpool, Spool, UploaderState, decode_record
-from .steps import StepClock
+from .commit import commit
+from .dead_trainers import DeadTrainers
+from .recovery import recover
+from .replies import Outbox
+from .runstate import Ledger, RunState, Session
+from .spool import RunMeta, Spool
 
 log = logging.getLogger("kforge_sidecar.receiver")
 
@@ -39,162 +40,71 @@ log = logging.getLogger("kforge_sidecar.receiver")
 MAX_SESSIONS_PER_RUN = 1000
 
 
-@dataclass
-class Session:
-    session: str
-    run_id: str
-    seq: int = 0  # highest seq appended to the spool
-    durable: int = 0  # highest seq known to be on disk
-    identity: bytes | None = None  # the ROUTER identity replies go to
-    nacked: int = -1  # the seq last nacked, so a burst of gaps gets one nack
-    pid: int | None = None
-    host: str | None = None
-    last_seen: float = field(default_factory=time.monotonic)  # any message, pings included
-    local: bool = False  # its pid was seen alive on this host: pid death is proof of death
-
-    def alive(self, now: float, timeout: float) -> bool:
-        if now - self.last_seen > timeout:
-            return False
-        return not self.local or self.pid is None or pid_alive(self.pid)
-
-
-@dataclass
-class RunState:
-    """What the receiver knows of one run (rebuilt from the spool on start)."""
-
-    spool: RunSpool
-    meta: RunMeta
-    received: int = 0  # metrics frames in the spool
-    closed: bool = False
-    exit_code: int | None = None
-    client_dropped: int = 0  # frames the clients reported dropping (full buffer)
-    late: int = 0  # rows below the run's current step in one session: wandb cannot chart them
-    refused: int = 0  # frames the receiver refused (their seqs used up)
-    clock: StepClock = field(default_factory=StepClock)  # wandb's step rule over the records
-    sessions: set[str] = field(default_factory=set)
-    orphaned_since: float | None = None  # open, and every trainer of it gone
-    dirty: bool = False
-    # the state at the last successful commit, to roll back to if an fsync fails
-    snapshot: tuple = ()
-
-    def needs_upload(self, up: UploaderState) -> bool:
-        """Frames wandb has not kept yet, or a close it has not seen (and not failed for good)."""
-        return up.state != "failed" and (self.received > up.trusted or (self.closed and up.state != "finished"))
-
-    @property
-    def last_step(self) -> int | None:
-        """The highest step on the run's chart (after a rewind, the resumed trainer's)."""
-        return self.clock.top
-
-    def take_snapshot(self, sessions: dict[str, Session]) -> None:
-        self.snapshot = (
-            self.spool.log.size(),
-            self.received,
-            self.late,
-            self.refused,
-            self.clock.copy(),
-            self.closed,
-            self.exit_code,
-            {s: sessions[s].seq for s in self.sessions if s in sessions},
-        )
-
-
 class Receiver:
-    def __init__(self, spool: Spool, limits: protocol.Limits, on_control: Callable[[str], dict], max_runs: int = 64):
+    def __init__(self, spool: Spool, limits: protocol.Limits, max_runs: int):
         self.spool = spool
-        self.host = socket.gethostname()
         self.limits = limits
         self.max_runs = max_runs
-        self.runs: dict[str, RunState] = {}
-        self.sessions: dict[str, Session] = {}
+        self.ledger = Ledger()
+        self.outbox = Outbox()
+        self.dead_trainers = DeadTrainers(self.ledger)
         self.rejected: Counter[str] = Counter()
         self.duplicates = 0
-        self.disk_error: str | None = None
-        self._on_control = on_control
-        # replies that wait for the next commit
-        self._replies: list[tuple[bytes, bytes]] = []
-        self._acks: dict[str, Session] = {}
-        self._welcomes: dict[str, Session] = {}
         self._last_reject_log: dict[str, float] = {}
+
+    @property
+    def runs(self) -> dict[str, RunState]:
+        return self.ledger.runs
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        return self.ledger.sessions
+
+    @property
+    def disk_error(self) -> str | None:
+        return self.ledger.disk_error
 
     # ---------------------------------------------------------------- recovery
 
     def recover(self) -> None:
         """Rebuild run and session state from the spool, cutting torn tails."""
-        for run_id in self.spool.run_ids():
-            rs = self.spool.run(run_id)
-            meta = rs.read_meta()
-            if meta is None:
-                log.error("run %s: spool directory has no meta.json; skipping it", run_id)
-                continue
-            rs.log.repair()
-            run = RunState(spool=rs, meta=meta)
-            for rec in rs.log.records():
-                try:
-                    msg = decode_record(rec.payload)
-                except ProtocolError as exc:  # cannot happen for frames we validated
-                    log.error("run %s: unreadable spool record at offset %d: %s", run_id, rec.offset, exc)
-                    continue
-                self._apply(run, msg)
-            rs.log.open_for_append()
-            run.take_snapshot(self.sessions)
-            for s in run.sessions:
-                self.sessions[s].durable = self.sessions[s].seq
-            self.runs[run_id] = run
-            log.info("run %s: recovered %d frames (closed=%s)", run_id, run.received, run.closed)
-
-    def _apply(self, run: RunState, msg: protocol.Record) -> None:
-        """Account for a record that is in the run's log (on recovery, or just appended)."""
-        if isinstance(msg, Hello):
-            sess = self.sessions.get(msg.session)
-            if sess is None:
-                sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
-                sess.local = msg.host == self.host and pid_alive(msg.pid)
-            run.sessions.add(msg.session)
-            run.clock.hello(msg.session)
-            if run.closed:  # a new session after a close re-opens the run (resume)
-                run.closed = False
-                run.exit_code = None
-            return
-        sess = self.sessions.get(msg.session) or self.sessions.setdefault(msg.session, Session(msg.session, run.meta.run_id))
-        sess.seq = msg.seq
-        if isinstance(msg, Metrics):
-            run.received += 1
-            if run.clock.place(msg.session, msg.step, msg.commit)[1] == "late":
-                run.late += 1
-        elif isinstance(msg, Close):
-            run.closed = True
-            run.exit_code = msg.exit_code
-        elif isinstance(msg, Refused):
-            run.refused += 1
+        recover(self.ledger, self.spool)
 
     # ---------------------------------------------------------------- frames
 
-    def handle(self, parts: list[bytes]) -> None:
-        """One message from the ROUTER socket: [identity, frame]."""
+    def handle(self, parts: list[bytes]) -> Control | None:
+        """One message from the ROUTER socket: [identity, frame]. A control request is
+        not the receiver's: it is returned, for the server to answer with ``reply``."""
         if len(parts) != 2:
             self._reject(parts[0], ProtocolError("malformed", f"{len(parts) - 1} frame parts, expected 1"))
-            return
+            return None
         identity, raw = parts
         try:
             msg = protocol.decode_request(raw, self.limits)
         except ProtocolError as exc:
             if not self._refuse(identity, exc, raw):
                 self._reject(identity, exc, raw)
-            return
+            return None
         if isinstance(msg, Control):
-            self._send(identity, protocol.Reply(body=self._on_control(msg.t)))
-            return
+            return msg  # the server's to answer (``reply``)
         sess = self.sessions.get(msg.session)
         if sess is not None:
             sess.last_seen = time.monotonic()
         if isinstance(msg, Ping):
             if sess is None:  # e.g. this sidecar restarted with a fresh spool: the client says hello again
-                self._send(identity, protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION))
+                self.outbox.send(
+                    identity,
+                    protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION),
+                )
         elif isinstance(msg, Hello):
             self._hello(identity, msg, raw)
         else:
             self._frame(identity, msg, raw)
+        return None
+
+    def reply(self, identity: bytes, body: dict) -> None:
+        """Answer a control request; it leaves with the next commit, as every reply does."""
+        self.outbox.send(identity, protocol.Reply(body=body))
 
     def _hello(self, identity: bytes, msg: Hello, raw: bytes) -> None:
         sess = self.sessions.get(msg.session)
@@ -204,8 +114,10 @@ class Receiver:
             refusal = self._over_capacity(run)
             if refusal:
                 self.rejected["capacity"] += 1
-                log.warning("run %s: refusing session %s (pid %d, host %s): %s", run_id, msg.session, msg.pid, msg.host, refusal)
-                self._send(identity, protocol.Error(msg.session, refusal, fatal=True, code=protocol.E_FATAL))
+                log.warning(
+                    "run %s: refusing session %s (pid %d, host %s): %s", run_id, msg.session, msg.pid, msg.host, refusal
+                )
+                self.outbox.send(identity, protocol.Error(msg.session, refusal, fatal=True, code=protocol.E_FATAL))
                 return
             try:
                 if run is None:
@@ -217,7 +129,14 @@ class Receiver:
                     rs.log.open_for_append()
                     run = self.runs[run_id] = RunState(spool=rs, meta=meta)
                     run.take_snapshot(self.sessions)
-                    log.info("run %s: new (project=%s name=%s pid=%d host=%s)", run_id, msg.project, msg.name, msg.pid, msg.host)
+                    log.info(
+                        "run %s: new (project=%s name=%s pid=%d host=%s)",
+                        run_id,
+                        msg.project,
+                        msg.name,
+                        msg.pid,
+                        msg.host,
+                    )
                 else:
                     log.info("run %s: session %s attached (pid=%d host=%s)", run_id, msg.session, msg.pid, msg.host)
                     if run.orphaned_since is not None:
@@ -226,10 +145,12 @@ class Receiver:
                 # the session -> run mapping must survive a restart: it goes into the log
                 run.spool.log.append(raw)
             except OSError as exc:
-                self._disk_failed(run_id, exc)
-                self._send(identity, protocol.Error(msg.session, f"spool unwritable: {exc}", code=protocol.E_DISK))
+                self.ledger.disk_failed(run_id, exc)
+                self.outbox.send(
+                    identity, protocol.Error(msg.session, f"spool unwritable: {exc}", code=protocol.E_DISK)
+                )
                 return
-            self._apply(run, msg)
+            self.ledger.apply(run, msg)
             run.dirty = True
             sess = self.sessions[msg.session]
         sess.identity = identity
@@ -238,10 +159,13 @@ class Receiver:
             run.client_dropped = min(run.client_dropped + msg.first - 1 - sess.seq, protocol.INT64_MAX)
             log.warning(
                 "run %s: session %s dropped frames %d..%d before they reached the sidecar (client buffer full)",
-                sess.run_id, sess.session, sess.seq + 1, msg.first - 1,
+                sess.run_id,
+                sess.session,
+                sess.seq + 1,
+                msg.first - 1,
             )
             sess.seq = msg.first - 1
-        self._welcomes[sess.session] = sess
+        self.outbox.welcome(sess)
 
     def _over_capacity(self, run: RunState | None) -> str | None:
         """Why a new session cannot be taken, if it cannot: caps on runs and sessions keep
@@ -249,7 +173,9 @@ class Receiver:
         if run is None:
             open_runs = sum(1 for r in self.runs.values() if not r.closed)
             if open_runs >= self.max_runs:
-                return f"this sidecar already has {open_runs} open runs (--max-runs {self.max_runs}); not opening another"
+                return (
+                    f"this sidecar already has {open_runs} open runs (--max-runs {self.max_runs}); not opening another"
+                )
         elif len(run.sessions) >= MAX_SESSIONS_PER_RUN:
             return f"run already had {len(run.sessions)} trainer sessions; not attaching another"
         return None
@@ -270,166 +196,61 @@ class Receiver:
         self.rejected[exc.reason] += 1
         self._log_reject(exc, f"run {sess.run_id} session {sess.session} frame {seq}")
         if seq <= sess.seq:  # refused (or stored) before: a resend
-            self._acks[sess.session] = sess
+            self.outbox.ack(sess)
             return True
         if seq > sess.seq + 1:  # frames before it are missing: have them first
             self._nack(identity, sess)
             return True
         run = self.runs[sess.run_id]
-        record = Refused(sess.session, seq, f"{exc.reason}: {exc.detail}"[:500])
-        try:
-            run.spool.log.append(protocol.encode(record))
-        except OSError as e:
-            self._disk_failed(run.meta.run_id, e)
+        if not self.ledger.append(run, Refused(sess.session, seq, f"{exc.reason}: {exc.detail}"[:500])):
             return True
-        self._apply(run, record)
-        run.dirty = True
-        self._acks[sess.session] = sess
-        self._send(identity, protocol.Error(sess.session, str(exc), code=protocol.E_REFUSED, seq=seq))
+        self.outbox.ack(sess)
+        self.outbox.send(identity, protocol.Error(sess.session, str(exc), code=protocol.E_REFUSED, seq=seq))
         return True
 
     def _nack(self, identity: bytes, sess: Session) -> None:
         if sess.nacked != sess.seq:  # a burst of gaps gets one nack
             sess.nacked = sess.seq
-            self._send(identity, protocol.Nack(sess.session, sess.seq))
+            self.outbox.send(identity, protocol.Nack(sess.session, sess.seq))
 
     def _frame(self, identity: bytes, msg: Metrics | ConfigUpdate | SummaryUpdate | Close, raw: bytes) -> None:
         sess = self.sessions.get(msg.session)
         if sess is None:
             # e.g. the hello was lost with a dead connection: the client says hello again.
-            self._send(identity, protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION))
+            self.outbox.send(
+                identity,
+                protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION),
+            )
             return
         sess.identity = identity
         if msg.seq <= sess.seq:  # a resend of what we have
             self.duplicates += 1
-            self._acks[sess.session] = sess
+            self.outbox.ack(sess)
             return
         if msg.seq > sess.seq + 1:  # frames in between were lost on the way
             self._nack(identity, sess)
             return
-        run = self.runs[sess.run_id]
-        try:
-            run.spool.log.append(raw)
-        except OSError as exc:
-            self._disk_failed(run.meta.run_id, exc)
-            return
-        self._apply(run, msg)
-        run.dirty = True
-        self._acks[sess.session] = sess
+        if self.ledger.append(self.runs[sess.run_id], msg, raw):
+            self.outbox.ack(sess)
 
     # ---------------------------------------------------------------- dead trainers
 
     def reap_orphans(self, session_timeout: float, grace: float) -> None:
-        """Finish, as failed, the open runs whose trainers all died without close().
-
-        A trainer counts as dead when its pid is gone (a trainer on this host)
-        or it has been silent for ``session_timeout`` (clients ping while idle).
-        The run waits ``grace`` seconds for a resume to re-attach; then the
-        sidecar appends a close with exit code 1 in its own name, so the
-        uploader uploads everything that arrived and finishes the run.
-        """
-        now = time.monotonic()
-        for run in self.runs.values():
-            if run.closed or not run.sessions:
-                continue
-            if self.has_live_trainer(run, session_timeout):
-                run.orphaned_since = None
-                continue
-            if run.orphaned_since is None:
-                run.orphaned_since = now
-                log.warning(
-                    "run %s: its trainer is gone without close(); finishing it as failed in %.0fs unless it resumes",
-                    run.meta.run_id, grace,
-                )  # fmt: skip
-            elif now - run.orphaned_since >= grace:
-                self._close_for_dead_trainer(run)
+        self.dead_trainers.reap(session_timeout, grace)
 
     def has_live_trainer(self, run: RunState, session_timeout: float) -> bool:
-        """A session of the run is alive: its pid runs (a trainer on this host), and it
-        was heard from within ``session_timeout``."""
-        now = time.monotonic()
-        return any(self.sessions[s].alive(now, session_timeout) for s in run.sessions if s in self.sessions)
-
-    def _close_for_dead_trainer(self, run: RunState) -> None:
-        session = f"sidecar-{run.meta.run_id}"[:64]  # the sidecar's own session: no client's seqs are touched
-        seq = self.sessions[session].seq + 1 if session in self.sessions else 1
-        msg = Close(session=session, seq=seq, exit_code=1)
-        try:
-            run.spool.log.append(protocol.encode(msg))
-        except OSError as exc:
-            self._disk_failed(run.meta.run_id, exc)
-            return
-        self._apply(run, msg)
-        run.dirty = True
-        run.orphaned_since = None
-        log.warning("run %s: no trainer came back; finishing it as failed (exit code 1)", run.meta.run_id)
+        return self.dead_trainers.has_live_trainer(run, session_timeout)
 
     # ---------------------------------------------------------------- commit
 
     @property
     def dirty(self) -> bool:
-        return bool(self._acks or self._welcomes or self._replies)
+        """Replies wait for a commit."""
+        return self.outbox.pending
 
     def commit(self, sock: zmq.Socket) -> None:
         """Make appended frames durable, then send the replies that waited on it."""
-        failed: set[str] = set()
-        for run in self.runs.values():
-            if not run.dirty:
-                continue
-            try:
-                run.spool.log.sync()
-            except OSError as exc:
-                self._rollback(run, exc)
-                failed.add(run.meta.run_id)
-                continue
-            run.dirty = False
-            run.take_snapshot(self.sessions)
-            if self.disk_error:
-                log.info("spool writable again")
-                self.disk_error = None
-        for sess in list(self._welcomes.values()) + list(self._acks.values()):
-            if sess.run_id not in failed:
-                sess.durable = sess.seq
-        for sess in self._welcomes.values():
-            if sess.run_id not in failed and sess.identity is not None:
-                self._send(sess.identity, protocol.Welcome(sess.session, sess.run_id, sess.durable), sock)
-        for sess in self._acks.values():
-            if sess.run_id not in failed and sess.identity is not None and sess.session not in self._welcomes:
-                self._send(sess.identity, protocol.Ack(sess.session, sess.durable), sock)
-        self._welcomes.clear()
-        self._acks.clear()
-        replies, self._replies = self._replies, []
-        for identity, frame in replies:
-            _route(sock, identity, frame)
-
-    def _rollback(self, run: RunState, exc: OSError) -> None:
-        """An fsync failed: what was appended since the last commit may not be on disk.
-        Cut it and forget it; the clients still hold those frames and resend them."""
-        self._disk_failed(run.meta.run_id, exc)
-        size, run.received, run.late, run.refused, clock, run.closed, run.exit_code, seqs = run.snapshot
-        run.clock = clock.copy()
-        try:
-            os.truncate(run.spool.log.path, size)
-        except OSError:
-            pass
-        for s, seq in seqs.items():
-            self.sessions[s].seq = self.sessions[s].durable = seq
-        run.dirty = False
-
-    def _disk_failed(self, run_id: str, exc: OSError) -> None:
-        reason = f"spool write failed for run {run_id}: {exc}"
-        if reason != self.disk_error:
-            log.error("%s; not acknowledging until the spool is writable (clients keep buffering)", reason)
-        self.disk_error = reason
-
-    # ---------------------------------------------------------------- replies
-
-    def _send(self, identity: bytes, msg: protocol.Response, sock: zmq.Socket | None = None) -> None:
-        frame = protocol.encode(msg)
-        if sock is None:
-            self._replies.append((identity, frame))
-        else:
-            _route(sock, identity, frame)
+        commit(self.ledger, self.outbox, sock)
 
     def _reject(self, identity: bytes | None, exc: ProtocolError, raw: bytes = b"") -> None:
         self.rejected[exc.reason] += 1
@@ -437,7 +258,9 @@ class Receiver:
         if identity is not None:
             # A rejected hello is fatal too: the client could only repeat it, forever.
             fatal = exc.reason == "version" or _is_hello(raw)
-            self._send(identity, protocol.Error(None, str(exc), fatal=fatal, code=protocol.E_FATAL if fatal else ""))
+            self.outbox.send(
+                identity, protocol.Error(None, str(exc), fatal=fatal, code=protocol.E_FATAL if fatal else "")
+            )
 
     def _log_reject(self, exc: ProtocolError, where: str = "") -> None:
         now = time.monotonic()
@@ -445,7 +268,9 @@ class Receiver:
         if now - self._last_reject_log.get(exc.reason, -1e9) >= 10.0:
             self._last_reject_log[exc.reason] = now
             context = f" ({where})" if where else ""
-            log.warning("rejected frame%s: %s (%d rejected for this reason so far)", context, exc, self.rejected[exc.reason])
+            log.warning(
+                "rejected frame%s: %s (%d rejected for this reason so far)", context, exc, self.rejected[exc.reason]
+            )
 
     def internal_error(self, exc: BaseException, parts: list[bytes]) -> None:
         """A bug met while handling one message: counted and logged with context; the
@@ -473,11 +298,3 @@ def _is_hello(raw: bytes) -> bool:
     except Exception:
         return False
     return isinstance(obj, dict) and obj.get("t") == "hello"
-
-
-def _route(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
-    try:
-        sock.send_multipart([identity, frame], zmq.NOBLOCK)
-    except (zmq.Again, zmq.ZMQError):
-        # the peer is gone or not reading: its resend timer covers a lost reply
-        pass

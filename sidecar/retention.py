@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spool import Spool, dir_bytes, read_json
+from .spool import Spool, UploadState, dir_bytes, read_json
 
 log = logging.getLogger("kforge_sidecar.retention")
 
 TRASH_PREFIX = ".removed-"
-DEFAULT_RETAIN = 7 * 86400.0
 _counter = itertools.count()
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -86,8 +85,10 @@ def format_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    retain: float | None = DEFAULT_RETAIN  # seconds a finished run stays after it finished; None: forever
-    max_bytes: int | None = None  # the spool's size cap; None: no cap
+    """``--retain`` and ``--spool-max-bytes`` (options.py has their defaults)."""
+
+    retain: float | None  # seconds a finished run stays after it finished; None: forever
+    max_bytes: int | None  # the spool's size cap; None: no cap
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Plan:
 
 def removable(row: dict[str, Any]) -> bool:
     """The rule, on one row of the status view."""
-    return bool(row.get("closed")) and row.get("state") == "finished" and row.get("pending", 1) == 0
+    return bool(row.get("closed")) and row.get("state") == UploadState.FINISHED and row.get("pending", 1) == 0
 
 
 def finished_at(run_dir: Path) -> float:

@@ -28,9 +28,11 @@ import zmq
 from client.address import SocketDirError, ensure_socket_dir, ipc_path
 
 from .config import ServeConfig
+from .exits import EXIT_IN_USE, EXIT_OK, EXIT_UNSAFE
 from .proc import pid_alive, redirect_stderr
-from .receiver import Receiver, RunState
+from .receiver import Receiver
 from .retention import describe, format_bytes, format_duration, plan, remove_run, sweep_trash
+from .runstate import RunState
 from .spool import Spool, SpoolDirError, dir_bytes, network_filesystem, prepare_spool_dir
 from .status import run_status
 from .supervisor import Supervisor
@@ -40,10 +42,6 @@ log = logging.getLogger("kforge_sidecar")
 SUPERVISE_EVERY = 0.2  # seconds between supervisor ticks
 MEASURE_EVERY = 2.0  # seconds between measurements of the spool's size and free space
 OVER_CAP_LOG_EVERY = 600.0  # seconds between warnings that the spool is over its cap
-
-EXIT_OK = 0
-EXIT_IN_USE = 1
-EXIT_UNSAFE = 2  # also: an unusable spool directory (a user's fix, not a restart's)
 
 
 class StartupError(RuntimeError):
@@ -56,10 +54,11 @@ class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir)
-        self.receiver = Receiver(self.spool, cfg.limits, self._control, max_runs=cfg.max_runs)
+        self.receiver = Receiver(self.spool, cfg.receiver.limits, max_runs=cfg.receiver.max_runs)
         self.supervisor = Supervisor(cfg)
         self.started = time.time()
         self.stopping = False
+        self._signals: list[int] = []  # caught by the handlers, acted on by the loop
         self._last_activity = time.monotonic()  # a client message, or a tick with an open or pending run
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
@@ -131,7 +130,7 @@ class Server:
         )
         sweep_trash(self.spool)
         self.receiver.recover()
-        if self.cfg.metrics_port is not None or self.cfg.metrics_textfile is not None:
+        if self.cfg.metrics.port is not None or self.cfg.metrics.textfile is not None:
             from .metrics import Exporter, MetricsError
 
             try:
@@ -146,10 +145,10 @@ class Server:
         # A file-size limit (ulimit -f) is a full disk for us: an error to report, not death.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         log.info("serving on %s (spool %s, pid %d)", self.cfg.address, self.spool.root, os.getpid())
-        if self.cfg.parent_pid is not None:
-            log.info("will drain and exit when process %d is gone", self.cfg.parent_pid)
-        if self.cfg.idle_timeout is not None:
-            log.info("will drain and exit after %gs idle", self.cfg.idle_timeout)
+        if self.cfg.lifetime.parent_pid is not None:
+            log.info("will drain and exit when process %d is gone", self.cfg.lifetime.parent_pid)
+        if self.cfg.lifetime.idle_timeout is not None:
+            log.info("will drain and exit after %gs idle", self.cfg.lifetime.idle_timeout)
         ret = self.cfg.retention
         log.info(
             "retention: finished and uploaded runs are removed %s%s",
@@ -159,11 +158,12 @@ class Server:
         try:
             self._loop(sock)
         finally:
-            log.info("draining: spool is durable; giving uploaders %.0fs", self.cfg.drain_timeout)
+            log.info("draining: spool is durable; giving uploaders %.0fs", self.cfg.lifetime.drain_timeout)
             sock.close(linger=1000)  # let the last acks and the stop reply leave
             ctx.term()
             self.supervisor.tick(self.receiver.runs)  # a last look: start uploaders for what just arrived
-            self.supervisor.drain(self.cfg.drain_timeout)
+            self.supervisor.drain(self.cfg.lifetime.drain_timeout)
+            self._handle_signals()
             if self.metrics is not None:
                 self.metrics.stop()
             self._release()
@@ -179,7 +179,8 @@ class Server:
             now = time.monotonic()
             timeout = SUPERVISE_EVERY
             if self.receiver.dirty:
-                timeout = max(0.0, last_commit + self.cfg.commit_interval - now)
+                timeout = max(0.0, last_commit + self.cfg.receiver.commit_interval - now)
+            self._handle_signals()
             if poller.poll(timeout * 1000):
                 self._last_activity = time.monotonic()
                 for _ in range(10_000):  # bounded, so commits and ticks still happen under load
@@ -188,15 +189,17 @@ class Server:
                     except zmq.Again:
                         break
                     try:
-                        self.receiver.handle(parts)
+                        request = self.receiver.handle(parts)
+                        if request is not None:
+                            self.receiver.reply(parts[0], self.control(request.t))
                     except Exception as exc:  # one message's bug must not stop every trainer's frames
                         self.receiver.internal_error(exc, parts)
             now = time.monotonic()
-            if self.receiver.dirty and now - last_commit >= self.cfg.commit_interval:
+            if self.receiver.dirty and now - last_commit >= self.cfg.receiver.commit_interval:
                 self.receiver.commit(sock)
                 last_commit = now
             if now - last_tick >= SUPERVISE_EVERY:
-                self.receiver.reap_orphans(self.cfg.session_timeout, self.cfg.resume_grace)
+                self.receiver.reap_orphans(self.cfg.receiver.session_timeout, self.cfg.receiver.resume_grace)
                 self.supervisor.tick(self.receiver.runs)
                 self._housekeeping(now)
                 last_tick = now
@@ -204,15 +207,30 @@ class Server:
                 if reason:
                     log.info("%s: draining", reason)
                     self.stopping = True
+        self._handle_signals()
         # Whatever was appended becomes durable and acknowledged before we go.
         if self.receiver.dirty:
             self.receiver.commit(sock)
 
+    # Signal handlers only note the signal (and SIGTERM/SIGINT stop the loop); the loop
+    # logs and acts, between two polls (at most SUPERVISE_EVERY later).
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        log.info("%s: draining", signal.Signals(signum).name)
+        self._signals.append(signum)
         self.stopping = True
 
-    def _on_hup(self, _signum: int, _frame: Any) -> None:
+    def _on_hup(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reopen_log()
+            else:
+                log.info("%s: draining", signal.Signals(signum).name)
+
+    def _reopen_log(self) -> None:
         if self.cfg.log_file is None:
             log.info("SIGHUP: no --log-file to reopen; ignored")
             return
@@ -291,13 +309,13 @@ class Server:
 
     def _exit_reason(self, now: float) -> str | None:
         """Why the sidecar should drain and exit by itself now, if it should."""
-        if self.cfg.parent_pid is not None and not pid_alive(self.cfg.parent_pid):
-            return f"parent process {self.cfg.parent_pid} is gone"
-        if self.cfg.idle_timeout is not None:
+        if self.cfg.lifetime.parent_pid is not None and not pid_alive(self.cfg.lifetime.parent_pid):
+            return f"parent process {self.cfg.lifetime.parent_pid} is gone"
+        if self.cfg.lifetime.idle_timeout is not None:
             if self._busy():
                 self._last_activity = now
-            elif now - self._last_activity >= self.cfg.idle_timeout:
-                return f"idle for {self.cfg.idle_timeout:g}s (no open or pending run, no client message)"
+            elif now - self._last_activity >= self.cfg.lifetime.idle_timeout:
+                return f"idle for {self.cfg.lifetime.idle_timeout:g}s (no open or pending run, no client message)"
         return None
 
     def _busy(self) -> bool:
@@ -309,11 +327,12 @@ class Server:
                 return True  # not looked at yet
             if run.needs_upload(st):
                 return True
-            if not run.closed and self.receiver.has_live_trainer(run, self.cfg.session_timeout):
+            if not run.closed and self.receiver.has_live_trainer(run, self.cfg.receiver.session_timeout):
                 return True
         return False
 
-    def _control(self, request: str) -> dict:
+    def control(self, request: str) -> dict:
+        """A control request (control.py): ``stop`` drains; anything else is ``status``."""
         if request == "stop":
             log.info("stop requested: draining")
             self.stopping = True
@@ -387,6 +406,12 @@ def _lock_file(path: Path, busy: str) -> int:
     """Hold an exclusive lock on ``path`` (with our pid in it) for the process's life.
 
     The kernel drops it when we die, so a crashed sidecar never blocks the next.
+
+    The file's format is a contract: the sidecar's pid in ASCII decimal, then a newline,
+    and nothing else (at most 32 bytes are read). A second sidecar names the owner from
+    it, and ``deploy/slurm/epilog.sh`` reads it (``head -c 32 | tr -dc 0-9``) to SIGTERM
+    the job's sidecar, then waits on the flock for it to drain; the logrotate recipe in
+    deploy/README.md reads it too. Change them together.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -5,10 +5,12 @@ Layout, one directory per run (directories 0700, files 0600)::
     <spool>/runs/<run_id>/
         meta.json      RunMeta: project, name, config; written once by the receiver
         frames.log     append-only records, each: u32 length, u32 crc32, payload
-        uploader.json  UploaderState: the uploader's cursor and health, written by it alone
+        uploader.json  UploaderState: the uploader's cursor and state, written by it alone
+        uploader.heartbeat  Heartbeat: the uploader's pid; its mtime is the last beat
 
-A payload is the client's validated msgpack frame, byte for byte. The
-receiver is the only writer of frames.log; it fsyncs in groups and only then
+A payload is bytes to the spool: the client's validated frame, byte for byte
+(record.py is what reads them as messages; the spool imports nothing of the
+wire format). The receiver is the only writer of frames.log; it fsyncs in groups and only then
 acknowledges. A crash mid-write leaves a torn tail (short record or bad CRC),
 which ``RunLog.repair`` cuts on the next start. Readers (the uploader, sync,
 status) stop quietly at an incomplete tail: the writer may still be writing it.
@@ -26,24 +28,16 @@ import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from client import protocol
-from client.protocol import RUN_ID_RE, Limits, decode_request
+from client.ids import RUN_ID_RE
 
 log = logging.getLogger("kforge_sidecar.spool")
 
 HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
-# Records were validated on the way in; read them back without the receiver's caps,
-# which may have been lowered since.
-TRUSTED_LIMITS = Limits(max_frame_bytes=MAX_RECORD, max_hello_bytes=MAX_RECORD, max_scalars=1 << 20)
-
-
-def decode_record(payload: bytes) -> protocol.Record:
-    """One frames.log record as its message (a client frame, or the receiver's ``refused``)."""
-    return decode_request(payload, TRUSTED_LIMITS, spool=True)  # type: ignore[return-value]
 
 
 def default_spool_dir() -> Path:
@@ -196,12 +190,31 @@ class RunMeta:
     process: dict[str, Any] = field(default_factory=dict)  # its program, args, cwd, git (protocol.PROCESS_KEYS)
 
 
+class UploadState(str, Enum):
+    """A run's upload state, as ``uploader.json`` stores it (the string values are on disk
+    and in ``status``): written by the uploader, read by the supervisor, the server,
+    ``status``, ``sync``, retention and the metrics."""
+
+    WAITING = "waiting"  # no wandb run open (yet, or between segments)
+    INITIALIZING = "initializing"  # inside wandb.init
+    LIVE = "live"  # frames go to wandb
+    RETRYING = "retrying"  # a transient failure: a fresh uploader retries after a backoff
+    FAILED = "failed"  # the sentinel: a permanent failure (`kforge-sidecar sync` retries it)
+    FINISHED = "finished"  # the run is closed and finished in wandb
+
+    # a plain string in every other respect: "live", not "UploadState.LIVE", and the same
+    # dict key as "live" (Enum hashes by name)
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+
 @dataclass
 class UploaderState:
     """The uploader's cursor and health. ``offset`` is a byte offset into frames.log
     up to which every record has been handed to wandb."""
 
-    state: str = "waiting"  # waiting, initializing, live, retrying, failed, finished
+    state: UploadState = UploadState.WAITING
     offset: int = 0  # the restart point: everything before it is kept by wandb
     trusted: int = 0  # metrics frames before ``offset``
     clock: dict[str, Any] | None = None  # the StepClock at ``offset`` (sidecar/steps.py)
@@ -213,9 +226,20 @@ class UploaderState:
     last_step: int | None = None
     error: str | None = None
     wandb_dir: str | None = None  # where wandb keeps the run's files
-    pid: int | None = None
-    updated: float = 0.0  # the heartbeat: wall time of the last write
-    busy_until: float | None = None  # inside init/finish: no heartbeat expected until then
+    updated: float = 0.0  # wall time of the last write (after a finish: when it finished)
+    # Files of older versions also hold "pid" and "busy_until" (the heartbeat, before it had
+    # a file of its own): ignored when read.
+
+
+@dataclass
+class Heartbeat:
+    """uploader.heartbeat: written by the uploader, watched by the supervisor. The uploader
+    touches it every ``UploaderConfig.heartbeat`` seconds from its main loop, busy or idle;
+    an uploader whose file goes stale (outside ``busy_until``) is wedged."""
+
+    pid: int | None = None  # the uploader that beats
+    busy_until: float | None = None  # inside init/finish: no beat expected until then
+    at: float = 0.0  # the last beat: the file's mtime (not stored in it)
 
 
 @dataclass
@@ -337,13 +361,44 @@ class RunSpool:
     def write_meta(self, meta: RunMeta) -> None:
         write_json_atomic(self.meta_path, asdict(meta))
 
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.dir / "uploader.heartbeat"
+
+    def write_heartbeat(self, hb: Heartbeat) -> None:
+        """A beat with new contents (a new pid, or busy_until set or cleared)."""
+        write_json_atomic(self.heartbeat_path, {"pid": hb.pid, "busy_until": hb.busy_until}, durable=False)
+
+    def beat(self) -> None:
+        """A beat: the file's mtime is now."""
+        try:
+            os.utime(self.heartbeat_path)
+        except FileNotFoundError:  # removed under us (never, but not worth dying of)
+            self.write_heartbeat(Heartbeat(pid=os.getpid()))
+
+    def read_heartbeat(self) -> Heartbeat:
+        """The last beat; ``Heartbeat()`` (at 0) when there is none."""
+        data = read_json(self.heartbeat_path) or {}
+        try:
+            at = self.heartbeat_path.stat().st_mtime
+        except FileNotFoundError:
+            return Heartbeat()
+        return Heartbeat(pid=data.get("pid"), busy_until=data.get("busy_until"), at=at)
+
     def read_uploader(self) -> UploaderState:
         data = read_json(self.uploader_path)
-        return _from_dict(UploaderState, data) if data else UploaderState()
+        if not data:
+            return UploaderState()
+        state = _from_dict(UploaderState, data)
+        try:
+            state.state = UploadState(state.state)
+        except ValueError:  # not one of ours: shown as it is, acted on as none of them
+            pass
+        return state
 
     def write_uploader(self, state: UploaderState) -> None:
-        # Rewritten twice a second as a heartbeat: no fsync. A cursor that goes
-        # back after a machine crash only replays frames, it never skips any.
+        # Rewritten up to twice a second: no fsync. A cursor that goes back
+        # after a machine crash only replays frames, it never skips any.
         state.updated = time.time()
         write_json_atomic(self.uploader_path, asdict(state), durable=False)
 

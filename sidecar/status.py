@@ -16,10 +16,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from client import protocol
-
-from .receiver import RunState
-from .spool import RunSpool, Spool, UploaderState, decode_record
+from .record import first_pending_time, fold
+from .runstate import RunState
+from .spool import Spool, UploaderState, UploadState
 
 
 def run_status(
@@ -30,10 +29,10 @@ def run_status(
     restarts: int = 0,
 ) -> dict[str, Any]:
     state = up.state
-    if state == "finished" and not run.closed:
-        state = "waiting"  # re-opened by a resumed session
+    if state == UploadState.FINISHED and not run.closed:
+        state = UploadState.WAITING  # re-opened by a resumed session
     pending = max(0, run.received - up.uploaded)
-    oldest = oldest_pending_time(run.spool, up) if pending else None
+    oldest = first_pending_time(run.spool.log, up) if pending else None
     return {
         "run_id": run.meta.run_id,
         "project": run.meta.project,
@@ -62,27 +61,8 @@ def run_status(
 
 
 def _acknowledged(run: RunState) -> int:
-    snapshot = getattr(run, "snapshot", ())  # (log size, received, ...) at the last commit
-    return snapshot[1] if len(snapshot) > 1 and isinstance(snapshot[1], int) else run.received
-
-
-def oldest_pending_time(rs: RunSpool, up: UploaderState) -> float | None:
-    """The client's wall time of the first metrics frame not yet handed to wandb.
-
-    The cursor (``up.offset``) is where wandb has kept everything before; the
-    uploader has handed ``up.uploaded - up.trusted`` more frames after it.
-    """
-    skip = max(0, up.uploaded - up.trusted)
-    for rec in rs.log.records(up.offset):
-        try:
-            msg = decode_record(rec.payload)
-        except protocol.ProtocolError:
-            continue
-        if isinstance(msg, protocol.Metrics):
-            if skip == 0:
-                return msg.time
-            skip -= 1
-    return None
+    """Durable and acknowledged: the receiver's count at its last commit."""
+    return run.snapshot.record.received if run.snapshot is not None else run.received
 
 
 def offline_status(spool: Spool) -> dict[str, Any]:
@@ -93,22 +73,7 @@ def offline_status(spool: Spool) -> dict[str, Any]:
         meta = rs.read_meta()
         if meta is None:
             continue
-        run = RunState(spool=rs, meta=meta)
-        for rec in rs.log.records():
-            try:
-                msg = decode_record(rec.payload)
-            except protocol.ProtocolError:
-                continue
-            if isinstance(msg, protocol.Metrics):
-                run.received += 1
-                run.late += run.clock.place(msg.session, msg.step, msg.commit)[1] == "late"
-            elif isinstance(msg, protocol.Close):
-                run.closed, run.exit_code = True, msg.exit_code
-            elif isinstance(msg, protocol.Hello):
-                run.clock.hello(msg.session)
-                run.closed, run.exit_code = False, None
-            elif isinstance(msg, protocol.Refused):
-                run.refused += 1
+        run = fold(rs.log, RunState(spool=rs, meta=meta))
         runs.append(run_status(run, rs.read_uploader()))
     return {"sidecar": None, "spool_dir": str(spool.root), "runs": runs}
 
@@ -147,9 +112,18 @@ def status_view(body: dict[str, Any], show_all: bool = False) -> Group:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
         parts.append(Text(f"rejected frames: {total}" + (f" ({detail})" if detail else "")))
         if spool.get("network_fs"):
-            parts.append(Text(f"WARNING: the spool is on a network filesystem ({spool['network_fs']}); use node-local disk", style="yellow"))
+            parts.append(
+                Text(
+                    f"WARNING: the spool is on a network filesystem ({spool['network_fs']}); use node-local disk",
+                    style="yellow",
+                )
+            )
         if (sc.get("retention") or {}).get("over_cap"):
-            parts.append(Text("WARNING: the spool is over --spool-max-bytes and holds no run that may be removed", style="yellow"))
+            parts.append(
+                Text(
+                    "WARNING: the spool is over --spool-max-bytes and holds no run that may be removed", style="yellow"
+                )
+            )
         if sc.get("disk_error"):
             parts.append(Text(f"SPOOL NOT WRITABLE: {sc['disk_error']}", style="bold red"))
     else:
@@ -180,7 +154,11 @@ def status_view(body: dict[str, Any], show_all: bool = False) -> Group:
         parts.append(table)
         for r in shown:
             if r.get("late"):
-                parts.append(Text(f"{r['run_id']}: {r['late']} rows logged below the run's current step (wandb cannot chart them; kept in the spool)"))
+                parts.append(
+                    Text(
+                        f"{r['run_id']}: {r['late']} rows logged below the run's current step (wandb cannot chart them; kept in the spool)"
+                    )
+                )
             if r.get("refused"):
                 parts.append(Text(f"{r['run_id']}: {r['refused']} frames refused by the sidecar (see its log)"))
             if r["last_error"]:
@@ -190,7 +168,12 @@ def status_view(body: dict[str, Any], show_all: bool = False) -> Group:
                 parts.append(Text(f"{r['run_id']}: wandb files in {r['wandb_dir']}"))
     hidden = len(runs) - len(shown)
     if hidden:
-        parts.append(Text(f"{hidden} finished and uploaded run{'s' if hidden != 1 else ''} not shown (--all shows them)", style="dim"))
+        parts.append(
+            Text(
+                f"{hidden} finished and uploaded run{'s' if hidden != 1 else ''} not shown (--all shows them)",
+                style="dim",
+            )
+        )
     return Group(*parts)
 
 

@@ -22,11 +22,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from .config import ServeConfig
+from .config import ServeConfig, UploaderConfig
+from .exits import EXIT_RETRY
 from .proc import children
-from .receiver import RunState
-from .spool import UploaderState
-from .uploader import EXIT_RETRY
+from .runstate import RunState
+from .spool import Heartbeat, UploaderState
+
+
+def uploader_argv(cfg: UploaderConfig) -> list[str]:
+    """The command line of an uploader process: its whole configuration in one argument."""
+    return [sys.executable, "-m", "sidecar.uploader", "--config", cfg.to_json()]
+
 
 log = logging.getLogger("kforge_sidecar.supervisor")
 
@@ -62,10 +68,10 @@ class Supervisor:
             st = self.states[run_id] = run.spool.read_uploader()
             w = self.workers.get(run_id)
             if w is not None:
-                self._check_heartbeat(run_id, w, st)
+                self._check_heartbeat(run_id, w, run.spool.read_heartbeat())
                 continue
             if spawn and run.needs_upload(st) and now >= self.backoff.get(run_id, Backoff()).not_before:
-                if len(self.workers) >= self.cfg.max_runs:
+                if len(self.workers) >= self.cfg.receiver.max_runs:
                     continue  # at the cap of uploader processes: this run waits for a free one
                 self._spawn(run_id, run)
 
@@ -77,17 +83,7 @@ class Supervisor:
         return round(left, 1) if left > 0 else None
 
     def _spawn(self, run_id: str, run: RunState) -> None:
-        cmd = [
-            sys.executable, "-m", "sidecar.uploader",
-            "--run-dir", str(run.spool.dir),
-            "--init-timeout", str(self.cfg.init_timeout),
-            "--finish-timeout", str(self.cfg.finish_timeout),
-            "--flush-interval", str(self.cfg.flush_interval),
-            "--drain-timeout", str(self.cfg.drain_timeout),
-            "--log-level", self.cfg.log_level,
-        ]  # fmt: skip
-        if not self.cfg.system_metrics:
-            cmd.append("--no-system-metrics")
+        cmd = uploader_argv(UploaderConfig.for_run(self.cfg, run.spool.dir))
         # wandb's own settings (WANDB_MODE, WANDB_DIR, WANDB_API_KEY, ...) pass through in the environment.
         proc = subprocess.Popen(
             cmd,
@@ -101,10 +97,10 @@ class Supervisor:
         self.workers[run_id] = Worker(proc, time.time())
         log.info("run %s: uploader started (pid %d)", run_id, proc.pid)
 
-    def _check_heartbeat(self, run_id: str, w: Worker, st: UploaderState) -> None:
+    def _check_heartbeat(self, run_id: str, w: Worker, hb: Heartbeat) -> None:
         now = time.time()
-        last = max(st.updated if st.pid == w.proc.pid else 0.0, w.started)
-        allowed = max(last + self.cfg.heartbeat_timeout, st.busy_until or 0.0)
+        last = max(hb.at if hb.pid == w.proc.pid else 0.0, w.started)
+        allowed = max(last + self.cfg.upload.heartbeat_timeout, hb.busy_until or 0.0)
         if now > allowed and w.proc.poll() is None:
             log.error(
                 "run %s: uploader pid %d is wedged (no heartbeat for %.0fs); killing it and restarting from the cursor",
@@ -136,7 +132,7 @@ class Supervisor:
             self._wedged.discard(run_id)
             self.failures["retry" if code == EXIT_RETRY else "wedged" if wedged else "crash"] += 1
             self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
-            delay = min(self.cfg.retry_backoff_max, self.cfg.retry_backoff * 2 ** (b.failures - 1))
+            delay = min(self.cfg.upload.retry_backoff_max, self.cfg.upload.retry_backoff * 2 ** (b.failures - 1))
             b.not_before = now + delay
             why = "will retry" if code == EXIT_RETRY else f"exited with code {code}"
             log.warning("run %s: uploader %s; next attempt in %.1fs", run_id, why, delay)
@@ -150,7 +146,9 @@ class Supervisor:
             self._reap(time.monotonic())
             time.sleep(0.05)
         for run_id, w in self.workers.items():
-            log.error("run %s: uploader did not drain within %.0fs; killing it (frames stay in the spool)", run_id, timeout)
+            log.error(
+                "run %s: uploader did not drain within %.0fs; killing it (frames stay in the spool)", run_id, timeout
+            )
             _kill_group(w.proc)
             w.proc.wait()
         self.workers.clear()

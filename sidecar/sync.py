@@ -10,7 +10,6 @@ finds nothing left and uploads nothing twice.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client import protocol
-
-from .spool import RunSpool, Spool, decode_record
-from .uploader import EXIT_DONE, EXIT_LOCKED
+from . import options
+from .config import UploaderConfig
+from .exits import EXIT_DONE, EXIT_LOCKED
+from .record import fold, pending_frames
+from .spool import RunSpool, Spool, UploadState
+from .supervisor import uploader_argv
 
 
 @dataclass
@@ -33,14 +34,8 @@ class Pending:
 
 def pending(run: RunSpool) -> Pending:
     st = run.read_uploader()
-    frames, closed = 0, False
-    for rec in run.log.records():
-        msg = decode_record(rec.payload)
-        if isinstance(msg, protocol.Metrics):
-            frames += rec.offset >= st.offset
-        elif isinstance(msg, (protocol.Close, protocol.Hello)):
-            closed = isinstance(msg, protocol.Close)  # a later hello (a resumed session) re-opens the run
-    return Pending(run, frames, closed and st.state != "finished")
+    closed = fold(run.log, on_bad=None).closed
+    return Pending(run, pending_frames(run.log, st.offset), closed and st.state != UploadState.FINISHED)
 
 
 def spools_under(root: Path, depth: int = 3) -> list[Spool]:
@@ -83,26 +78,26 @@ def sync(root: Path, run_ids: list[str], init_timeout: float, finish_timeout: fl
         for p in todo:
             before = p.run.read_uploader().uploaded
             task = progress.add_task(f"run {p.run.run_id}", total=p.frames)
-            proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "sidecar.uploader", "--sync",
-                    "--run-dir", str(p.run.dir),
-                    "--init-timeout", str(init_timeout),
-                    "--finish-timeout", str(finish_timeout),
-                    "--log-level", log_level,
-                ],  # fmt: skip
-                stdin=subprocess.DEVNULL,
-            )
+            cfg = UploaderConfig(
+                run_dir=p.run.dir, init_timeout=init_timeout, finish_timeout=finish_timeout, log_level=log_level,
+                flush_interval=options.default("flush_interval"), drain_timeout=options.default("drain_timeout"),
+                system_metrics=options.default("system_metrics"), sync=True,
+            )  # fmt: skip
+            proc = subprocess.Popen(uploader_argv(cfg), stdin=subprocess.DEVNULL)
             while proc.poll() is None:
                 time.sleep(0.2)
                 progress.update(task, completed=max(0, p.run.read_uploader().uploaded - before))
             st = p.run.read_uploader()
             progress.update(task, completed=max(0, st.uploaded - before))
             if proc.returncode == EXIT_LOCKED:
-                progress.console.print(f"run {p.run.run_id}: an uploader holds it (is a sidecar serving this spool?); skipped")
+                progress.console.print(
+                    f"run {p.run.run_id}: an uploader holds it (is a sidecar serving this spool?); skipped"
+                )
                 ok = False
-            elif proc.returncode != EXIT_DONE or st.state in ("failed", "retrying"):
-                progress.console.print(f"run {p.run.run_id}: not uploaded: {st.error or f'exit code {proc.returncode}'}")
+            elif proc.returncode != EXIT_DONE or st.state in (UploadState.FAILED, UploadState.RETRYING):
+                progress.console.print(
+                    f"run {p.run.run_id}: not uploaded: {st.error or f'exit code {proc.returncode}'}"
+                )
                 ok = False
             else:
                 where = f" ({st.wandb_dir})" if st.wandb_dir else ""

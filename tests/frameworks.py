@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Env, stop_process, wait_for, wandb_records, wandb_summary
 
 HERE = Path(__file__).resolve().parent

@@ -48,7 +48,6 @@ def test_accelerate_tracker_logs_every_value_config_and_finishes_the_run(env, si
     assert_config(files, CONFIG)  # init_trackers(config=...) is the run's config
 
 
-
 RESUME = r"""
 import json, sys
 import torch

@@ -17,7 +17,6 @@ from trainer import KEYS, eval_metrics, train_metrics
 
 from client.backend import SidecarBackend
 
-
 # A KempnerForge-like training script: lazy backend, run ID into ckpt_extra, close.
 SCRIPT = r"""
 import dataclasses, enum, json, sys, types

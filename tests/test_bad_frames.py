@@ -7,10 +7,10 @@ from collections import Counter
 import msgpack
 import pytest
 import zmq
-
-from client import protocol
 from conftest import run_trainer, wandb_file, wandb_history
 from trainer import train_metrics
+
+from client import protocol
 
 SESSION = "feedfacecafebeef"
 

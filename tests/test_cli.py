@@ -30,12 +30,16 @@ def test_unsafe_socket_directory_is_refused(env):
     sock_dir = env.base / "sock"
     sock_dir.mkdir(mode=0o755)
     os.chmod(sock_dir, 0o755)
-    r = subprocess.run([sys.executable, "-m", "sidecar", "serve"], env=env.vars(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"], env=env.vars(), capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 2
     assert "has mode 0755" in r.stderr and "chmod 700" in r.stderr
     os.chmod(sock_dir, 0o700)
     os.chown(sock_dir, 65534, 65534)  # someone else's directory (tests run as root here)
-    r = subprocess.run([sys.executable, "-m", "sidecar", "serve"], env=env.vars(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"], env=env.vars(), capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 2
     assert "belongs to uid 65534" in r.stderr
 

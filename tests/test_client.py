@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for
 
 from client import MetricsClient, protocol
-from conftest import wait_for
 
 
 @pytest.fixture
@@ -139,6 +139,10 @@ def test_config_of_any_shape_is_made_json_shaped(nowhere):
         shape: tuple = (2, 3)
 
     mc = MetricsClient(address=nowhere, config={"model": Model(), "mode": Mode.FSDP, "lr": float("nan")})
-    assert mc._config == {"model": {"dim": 256, "dtype": "torch.bfloat16", "shape": [2, 3]}, "mode": "fsdp", "lr": "nan"}
+    assert mc._config == {
+        "model": {"dim": 256, "dtype": "torch.bfloat16", "shape": [2, 3]},
+        "mode": "fsdp",
+        "lr": "nan",
+    }
     assert protocol.decode_request(protocol.encode(mc._make_hello(1))).config == mc._config
     mc.close(timeout=0.1)

@@ -18,8 +18,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, TRAINER, Env, Sidecar, run_trainer, stop_process, wait_for, wandb_file, wandb_history, wandb_summary
+from conftest import (
+    ROOT,
+    TRAINER,
+    Env,
+    Sidecar,
+    run_trainer,
+    stop_process,
+    wait_for,
+    wandb_file,
+    wandb_history,
+    wandb_summary,
+)
 from trainer import eval_metrics, train_metrics
 
 PY = sys.executable
@@ -64,7 +74,9 @@ def procs():
 
 
 def spawn(procs: list, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     procs.append(p)
     return p
 
@@ -136,7 +148,9 @@ def test_sigterm_to_run_reaches_the_trainer_and_the_sidecar_drains(env, procs):
         env.vars(),
     )  # fmt: skip
     probe = Sidecar(env)  # only for `status`
-    wait_for(lambda: any(r["received"] >= 20 for r in (probe.status() or {}).get("runs", [])), 60, 0.2, "frames to arrive")
+    wait_for(
+        lambda: any(r["received"] >= 20 for r in (probe.status() or {}).get("runs", [])), 60, 0.2, "frames to arrive"
+    )
     run.send_signal(signal.SIGTERM)
     stdout, stderr = run.communicate(timeout=90)
     assert run.returncode == 143, stderr  # the trainer's exit status (128 + SIGTERM)
@@ -223,7 +237,9 @@ def node_sidecars(env: Env, job: int) -> dict[str, tuple[int, str]]:
     found = {}
     for node in ("fakenode0", "fakenode1"):
         log = (env.base / f"kforge-sidecar-{job}-{node}.log").read_text()
-        m = re.search(rf"serving on ipc://{re.escape(str(env.base))}/kforge-{job}-{node}/sidecar\.sock .*pid (\d+)\)", log)
+        m = re.search(
+            rf"serving on ipc://{re.escape(str(env.base))}/kforge-{job}-{node}/sidecar\.sock .*pid (\d+)\)", log
+        )
         assert m, log
         found[node] = (int(m[1]), log)
     return found
@@ -285,7 +301,14 @@ def test_sbatch_script_sigterm_stops_training_then_drains(env, procs):
 def slurm_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run a Prolog/Epilog/TaskProlog as slurmd does: in its own process group, which is
     SIGKILLed once the script has exited (what it leaves there behind dies)."""
-    p = subprocess.Popen(["bash", str(SLURM / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        ["bash", str(SLURM / name)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = p.communicate(timeout=120)
     finally:
@@ -311,7 +334,9 @@ def prolog_env(env: Env, **extra: str) -> dict[str, str]:
     return v
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="the Prolog runs as root and needs setpriv")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="the Prolog runs as root and needs setpriv"
+)
 def test_prolog_starts_a_sidecar_taskprolog_exports_it_epilog_drains_it(env):
     v = prolog_env(env, KFORGE_SIDECAR=str(kforge_bin(env)))
     run_dir = env.base / "run" / "job-77"
@@ -380,8 +405,12 @@ def test_shellcheck_is_clean_on_every_script():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
     scripts = shell_scripts()
-    assert {"train.sbatch", "prolog.sh", "epilog.sh", "taskprolog.sh", "srun", "gpu_check.sh"} <= {p.name for p in scripts}
-    r = subprocess.run(["shellcheck", "--severity=style", *map(str, scripts)], capture_output=True, text=True, timeout=60)
+    assert {"train.sbatch", "prolog.sh", "epilog.sh", "taskprolog.sh", "srun", "gpu_check.sh"} <= {
+        p.name for p in scripts
+    }
+    r = subprocess.run(
+        ["shellcheck", "--severity=style", *map(str, scripts)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -17,8 +17,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from client import MetricsClient, device  # noqa: E402
 from conftest import all_history  # noqa: E402
+
+from client import MetricsClient, device  # noqa: E402
 
 
 @pytest.fixture

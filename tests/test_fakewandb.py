@@ -1,4 +1,4 @@
-"""Tests for tests/fakewandb.py: a real wandb (online mode) against the fake.
+"""Tests for devtools/fakewandb.py: a real wandb (online mode) against the fake.
 
 Every wandb run happens in a subprocess with a hard deadline, so a wandb
 hang can never hang the test session.  Nothing but 127.0.0.1 is contacted.
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fakewandb import FakeWandb  # noqa: E402
+from devtools.fakewandb import FakeWandb
 
 pytest.importorskip("wandb")
 
@@ -89,10 +87,18 @@ def server():
         srv.stop()
 
 
-def run_wandb(srv: FakeWandb, tmp_path: Path, *, init_timeout: float,
-              finish_timeout: float = 10.0, rows=ROWS, fast_exit: bool = False,
-              deadline: float = 30.0, init_kwargs: dict | None = None,
-              steps: list[int] | None = None) -> dict:
+def run_wandb(
+    srv: FakeWandb,
+    tmp_path: Path,
+    *,
+    init_timeout: float,
+    finish_timeout: float = 10.0,
+    rows=ROWS,
+    fast_exit: bool = False,
+    deadline: float = 30.0,
+    init_kwargs: dict | None = None,
+    steps: list[int] | None = None,
+) -> dict:
     """Run SCRIPT in a subprocess against ``srv``; return its RESULT dict.
 
     ``init_kwargs`` go to ``wandb.init`` (id, resume, resume_from ...);
@@ -104,20 +110,30 @@ def run_wandb(srv: FakeWandb, tmp_path: Path, *, init_timeout: float,
     wdir = tmp_path / "wandb_dir"
     wdir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(srv.env(
-        WANDB_DIR=str(wdir),
-        WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
-        WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
-        WANDB_DATA_DIR=str(tmp_path / "wandb_data"),
-    ))
+    env.update(
+        srv.env(
+            WANDB_DIR=str(wdir),
+            WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+            WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
+            WANDB_DATA_DIR=str(tmp_path / "wandb_data"),
+        )
+    )
     params = {
-        "entity": ENTITY, "project": PROJECT, "rows": rows,
-        "init_timeout": init_timeout, "finish_timeout": finish_timeout,
-        "fast_exit": fast_exit, "init_kwargs": init_kwargs or {}, "steps": steps,
+        "entity": ENTITY,
+        "project": PROJECT,
+        "rows": rows,
+        "init_timeout": init_timeout,
+        "finish_timeout": finish_timeout,
+        "fast_exit": fast_exit,
+        "init_kwargs": init_kwargs or {},
+        "steps": steps,
     }
     proc = subprocess.Popen(
         [sys.executable, str(script), json.dumps(params)],
-        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
@@ -128,7 +144,7 @@ def run_wandb(srv: FakeWandb, tmp_path: Path, *, init_timeout: float,
         pytest.fail(f"wandb subprocess exceeded {deadline}s\nstdout:\n{out}\nstderr:\n{err[-3000:]}")
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
+            res = json.loads(line[len("RESULT ") :])
             res["_stderr"] = err
             res["_rc"] = proc.returncode
             return res
@@ -136,14 +152,16 @@ def run_wandb(srv: FakeWandb, tmp_path: Path, *, init_timeout: float,
 
 
 def _fmt(res: dict) -> str:
-    return json.dumps({k: v for k, v in res.items() if k != "_stderr"}, indent=1) + \
-        "\n--- stderr tail ---\n" + res.get("_stderr", "")[-2000:]
+    return (
+        json.dumps({k: v for k, v in res.items() if k != "_stderr"}, indent=1)
+        + "\n--- stderr tail ---\n"
+        + res.get("_stderr", "")[-2000:]
+    )
 
 
 def _logged(rows: list[dict]) -> list[dict]:
     """Only the user keys + _step of history rows (drop _runtime/_timestamp)."""
-    return [{k: v for k, v in r.items() if k not in ("_runtime", "_timestamp", "_wandb")}
-            for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("_runtime", "_timestamp", "_wandb")} for r in rows]
 
 
 # --- with a real wandb -------------------------------------------------------
@@ -251,27 +269,40 @@ def _steps_and_x(rows: list[dict]) -> list[tuple]:
 
 @pytest.mark.parametrize("resume,explicit_steps", [("allow", False), ("must", True)])
 def test_resume_continues_after_the_last_step(server, tmp_path, resume, explicit_steps):
-    first = run_wandb(server, tmp_path / "first", init_timeout=15, finish_timeout=15,
-                      init_kwargs={"id": RUN_ID}, rows=[{"x": i} for i in range(10)])
+    first = run_wandb(
+        server,
+        tmp_path / "first",
+        init_timeout=15,
+        finish_timeout=15,
+        init_kwargs={"id": RUN_ID},
+        rows=[{"x": i} for i in range(10)],
+    )
     assert first["init"] == "ok" and first["finish"] == "ok", _fmt(first)
     assert first["starting_step"] == 0 and first["resumed"] is False, _fmt(first)
     assert server.line_counts(RUN_ID)["wandb-history.jsonl"] == 10
     posts_before = len(server.file_stream_posts(RUN_ID))
 
     # A second process, with its own wandb dir: all it knows comes from the server.
-    second = run_wandb(server, tmp_path / "second", init_timeout=15, finish_timeout=15,
-                       init_kwargs={"id": RUN_ID, "resume": resume},
-                       rows=[{"x": i} for i in range(10, 15)],
-                       steps=list(range(10, 15)) if explicit_steps else None)
+    second = run_wandb(
+        server,
+        tmp_path / "second",
+        init_timeout=15,
+        finish_timeout=15,
+        init_kwargs={"id": RUN_ID, "resume": resume},
+        rows=[{"x": i} for i in range(10, 15)],
+        steps=list(range(10, 15)) if explicit_steps else None,
+    )
     assert second["init"] == "ok" and second["finish"] == "ok", _fmt(second)
     assert second["run_id"] == RUN_ID
     assert second["starting_step"] == 10 and second["resumed"] is True, _fmt(second)
 
     # Nothing overwritten: the resumed lines come after the first attempt's.
     assert _steps_and_x(server.history_rows(RUN_ID)) == [(i, i) for i in range(15)]
-    offsets = [p["payload"]["files"]["wandb-history.jsonl"]["offset"]
-               for p in server.file_stream_posts(RUN_ID)[posts_before:]
-               if "wandb-history.jsonl" in (p["payload"].get("files") or {})]
+    offsets = [
+        p["payload"]["files"]["wandb-history.jsonl"]["offset"]
+        for p in server.file_stream_posts(RUN_ID)[posts_before:]
+        if "wandb-history.jsonl" in (p["payload"].get("files") or {})
+    ]
     assert offsets and min(offsets) == 10, offsets
     assert server.summary(RUN_ID)["x"] == 14 and server.summary(RUN_ID)["_step"] == 14
     assert server.exitcode(RUN_ID) == 0
@@ -279,10 +310,17 @@ def test_resume_continues_after_the_last_step(server, tmp_path, resume, explicit
 
 
 def test_resume_a_run_put_on_the_server_by_add_run(server, tmp_path):
-    server.add_run(RUN_ID, [{"x": i} for i in range(7)], entity=ENTITY, project=PROJECT,
-                   config={"lr": 0.5}, exitcode=None)  # as if its uploader had died
-    res = run_wandb(server, tmp_path, init_timeout=15, finish_timeout=15,
-                    init_kwargs={"id": RUN_ID, "resume": "must"}, rows=[{"x": 7}, {"x": 8}])
+    server.add_run(
+        RUN_ID, [{"x": i} for i in range(7)], entity=ENTITY, project=PROJECT, config={"lr": 0.5}, exitcode=None
+    )  # as if its uploader had died
+    res = run_wandb(
+        server,
+        tmp_path,
+        init_timeout=15,
+        finish_timeout=15,
+        init_kwargs={"id": RUN_ID, "resume": "must"},
+        rows=[{"x": 7}, {"x": 8}],
+    )
     assert res["init"] == "ok" and res["finish"] == "ok", _fmt(res)
     assert res["starting_step"] == 7 and res["resumed"] is True, _fmt(res)
     assert res["config"]["lr"] == 0.5  # the run's config comes back from the server
@@ -292,8 +330,7 @@ def test_resume_a_run_put_on_the_server_by_add_run(server, tmp_path):
 
 def test_resume_must_of_an_unknown_run_fails(server, tmp_path):
     server.add_run("other", [{"x": 1}])
-    res = run_wandb(server, tmp_path, init_timeout=15,
-                    init_kwargs={"id": RUN_ID, "resume": "must"})
+    res = run_wandb(server, tmp_path, init_timeout=15, init_kwargs={"id": RUN_ID, "resume": "must"})
     assert res["init"] == "error", _fmt(res)
     assert res["exc_type"] == "UsageError", _fmt(res)
     assert "does not exist or has not been initialized" in res["exc"], _fmt(res)
@@ -308,8 +345,8 @@ def test_resume_must_of_an_unknown_run_fails(server, tmp_path):
 REWIND_REFUSED = {
     200: 'failed to rewind run: input:3:2: Cannot query field "rewindRun" on type "Mutation".\n',
     400: 'failed to rewind run: returned error 400: {"data":null,"errors":[{"message":'
-         '"Cannot query field \\"rewindRun\\" on type \\"Mutation\\".",'
-         '"locations":[{"line":3,"column":2}]}]}',
+    '"Cannot query field \\"rewindRun\\" on type \\"Mutation\\".",'
+    '"locations":[{"line":3,"column":2}]}]}',
 }
 
 
@@ -318,8 +355,7 @@ def test_resume_from_is_refused_and_init_raises(tmp_path, status):
     srv = FakeWandb(rewind_refusal_status=status).start()
     try:
         srv.add_run(RUN_ID, [{"x": i} for i in range(10)], entity=ENTITY, project=PROJECT)
-        res = run_wandb(srv, tmp_path, init_timeout=15,
-                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"})
+        res = run_wandb(srv, tmp_path, init_timeout=15, init_kwargs={"resume_from": f"{RUN_ID}?_step=5"})
         assert res["init"] == "error", _fmt(res)
         assert (res["exc_module"], res["exc_type"]) == ("wandb.errors.errors", "CommError")
         assert res["exc"] == REWIND_REFUSED[status], _fmt(res)
@@ -336,14 +372,20 @@ def test_resume_from_rewinds_when_the_server_supports_it(tmp_path):
     srv = FakeWandb(rewind=True).start()
     try:
         srv.add_run(RUN_ID, [{"x": i} for i in range(10)], entity=ENTITY, project=PROJECT)
-        res = run_wandb(srv, tmp_path, init_timeout=15, finish_timeout=15,
-                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"},
-                        rows=[{"x": 100 + i} for i in range(6, 9)])
+        res = run_wandb(
+            srv,
+            tmp_path,
+            init_timeout=15,
+            finish_timeout=15,
+            init_kwargs={"resume_from": f"{RUN_ID}?_step=5"},
+            rows=[{"x": 100 + i} for i in range(6, 9)],
+        )
         assert res["init"] == "ok" and res["finish"] == "ok", _fmt(res)
         assert res["run_id"] == RUN_ID and res["starting_step"] == 6, _fmt(res)
         # Steps 6..9 of the first attempt are gone; the new ones follow step 5.
-        assert _steps_and_x(srv.history_rows(RUN_ID)) == \
-            [(i, i) for i in range(6)] + [(i, 100 + i) for i in range(6, 9)]
+        assert _steps_and_x(srv.history_rows(RUN_ID)) == [(i, i) for i in range(6)] + [
+            (i, 100 + i) for i in range(6, 9)
+        ]
         assert srv.summary(RUN_ID)["x"] == 108
     finally:
         srv.stop()
@@ -354,8 +396,7 @@ def test_resume_from_of_a_running_run_is_refused_even_with_rewind(tmp_path):
     try:
         # exitcode=None: no final file_stream post, the run is still running.
         srv.add_run(RUN_ID, [{"x": i} for i in range(10)], exitcode=None)
-        res = run_wandb(srv, tmp_path / "running", init_timeout=15,
-                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"})
+        res = run_wandb(srv, tmp_path / "running", init_timeout=15, init_kwargs={"resume_from": f"{RUN_ID}?_step=5"})
         assert res["init"] == "error" and res["exc_type"] == "CommError", _fmt(res)
         assert res["exc"] == (
             'failed to rewind run: returned error 400: {"data":{"rewindRun":null},"errors":'
@@ -364,8 +405,14 @@ def test_resume_from_of_a_running_run_is_refused_even_with_rewind(tmp_path):
         assert len(srv.history_rows(RUN_ID)) == 10
 
         srv.crash_run(RUN_ID)  # now it is terminal
-        res = run_wandb(srv, tmp_path / "crashed", init_timeout=15, finish_timeout=15,
-                        init_kwargs={"resume_from": f"{RUN_ID}?_step=5"}, rows=[{"x": 60}])
+        res = run_wandb(
+            srv,
+            tmp_path / "crashed",
+            init_timeout=15,
+            finish_timeout=15,
+            init_kwargs={"resume_from": f"{RUN_ID}?_step=5"},
+            rows=[{"x": 60}],
+        )
         assert res["init"] == "ok" and res["starting_step"] == 6, _fmt(res)
         assert _steps_and_x(srv.history_rows(RUN_ID)) == [(i, i) for i in range(6)] + [(6, 60)]
     finally:
@@ -379,9 +426,13 @@ def _raw_post(url: str, path: str, timeout: float = 5.0) -> bytes:
     host, port = url.rsplit("/", 1)[-1].split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         body = b'{"query":"query Viewer { viewer { id } }","operationName":"Viewer"}'
-        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: "
-                  + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        s.sendall(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body
+        )
         chunks = []
         while True:
             data = s.recv(65536)
@@ -428,8 +479,9 @@ def test_stall_after_init_only_hangs_file_stream(server):
 
 
 def _graphql_post(url: str, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/graphql", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/graphql", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
@@ -443,8 +495,9 @@ RESUME_STATUS = {"operationName": "RunResumeStatus", "query": "query RunResumeSt
 def test_run_resume_status_answers_from_the_runs_record(server):
     rows = [{"x": i} for i in range(12)]
     server.add_run(RUN_ID, rows, project=PROJECT, config={"lr": 0.5})
-    status, body = _graphql_post(server.url, dict(
-        RESUME_STATUS, variables={"project": PROJECT, "entity": ENTITY, "name": RUN_ID}))
+    status, body = _graphql_post(
+        server.url, dict(RESUME_STATUS, variables={"project": PROJECT, "entity": ENTITY, "name": RUN_ID})
+    )
     assert status == 200
     bucket = body["data"]["model"]["bucket"]
     assert bucket["historyLineCount"] == 12
@@ -456,8 +509,10 @@ def test_run_resume_status_answers_from_the_runs_record(server):
     assert json.loads(bucket["config"])["lr"] == {"value": 0.5}
     assert "t" in json.loads(bucket["wandbConfig"])
 
-    for variables in ({"project": PROJECT, "entity": ENTITY, "name": "nope"},
-                      {"project": "another-project", "entity": ENTITY, "name": RUN_ID}):
+    for variables in (
+        {"project": PROJECT, "entity": ENTITY, "name": "nope"},
+        {"project": "another-project", "entity": ENTITY, "name": RUN_ID},
+    ):
         status, body = _graphql_post(server.url, dict(RESUME_STATUS, variables=variables))
         assert status == 200 and body["data"]["model"]["bucket"] is None
 
@@ -466,17 +521,26 @@ def test_line_counts_follow_every_file_stream_file(server):
     def post(files: dict) -> None:
         req = urllib.request.Request(
             f"{server.url}/files/{ENTITY}/{PROJECT}/{RUN_ID}/file_stream",
-            data=json.dumps({"files": files}).encode(), headers={"Content-Type": "application/json"})
+            data=json.dumps({"files": files}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert resp.status == 200
 
-    post({"wandb-history.jsonl": {"offset": 0, "content": ['{"_step": 0}', '{"_step": 1}']},
-          "wandb-events.jsonl": {"offset": 0, "content": ['{"_runtime": 3}']},
-          "output.log": {"offset": 0, "content": ["a", "b", "c"]}})
-    post({"wandb-history.jsonl": {"offset": 2, "content": ['{"_step": 2}']},
-          "output.log": {"offset": 2, "content": ["c2"]}})  # a resent line replaces it
-    assert server.line_counts(RUN_ID) == {
-        "wandb-history.jsonl": 3, "wandb-events.jsonl": 1, "output.log": 3}
+    post(
+        {
+            "wandb-history.jsonl": {"offset": 0, "content": ['{"_step": 0}', '{"_step": 1}']},
+            "wandb-events.jsonl": {"offset": 0, "content": ['{"_runtime": 3}']},
+            "output.log": {"offset": 0, "content": ["a", "b", "c"]},
+        }
+    )
+    post(
+        {
+            "wandb-history.jsonl": {"offset": 2, "content": ['{"_step": 2}']},
+            "output.log": {"offset": 2, "content": ["c2"]},
+        }
+    )  # a resent line replaces it
+    assert server.line_counts(RUN_ID) == {"wandb-history.jsonl": 3, "wandb-events.jsonl": 1, "output.log": 3}
     server.add_run("other", [])  # line_counts of a run without files: none
     assert server.line_counts("other") == {"wandb-history.jsonl": 0}
 

@@ -15,12 +15,13 @@ import sys
 import time
 
 import pytest
+from conftest import all_history, children, finish_trainer, start_trainer, wait_for
+from trainer import train_metrics
 
 from client import protocol
-from conftest import all_history, children, finish_trainer, start_trainer, wait_for
-from fakewandb import FakeWandb
-from sidecar.spool import decode_record, Spool
-from trainer import train_metrics
+from devtools.fakewandb import FakeWandb
+from sidecar.record import decode_record
+from sidecar.spool import Spool
 
 FAST = ("--retry-backoff", "0.5", "--retry-backoff-max", "2", "--heartbeat-timeout", "4")
 
@@ -60,7 +61,9 @@ def test_sidecar_started_long_after_the_trainer(env, sidecar):
 def test_sidecar_sigkill_mid_stream_then_restart(env, sidecar):
     sc = sidecar(*FAST)
     trainer = start_trainer(env, "--steps", "400", "--sleep", "0.01", "--close-timeout", "90")
-    run_id = wait_for(lambda: (s := sc.status()) and s["runs"] and s["runs"][0]["received"] > 50 and s["runs"][0]["run_id"], 30)
+    run_id = wait_for(
+        lambda: (s := sc.status()) and s["runs"] and s["runs"][0]["received"] > 50 and s["runs"][0]["run_id"], 30
+    )
     os.kill(sc.proc.pid, signal.SIGKILL)  # the sidecar alone, as a crash would
     sc.proc.wait(10)
     time.sleep(1.0)
@@ -162,6 +165,7 @@ def test_wedged_wandb_core_is_detected_and_the_uploader_restarted(env, sidecar):
     def live():
         runs = (sc.status() or {}).get("runs", [])
         return runs and runs[0]["state"] == "live" and runs[0]["uploader_pid"] and runs[0]
+
     r = wait_for(live, 30)
     cores = children(r["uploader_pid"])
     assert cores, "the uploader has no wandb-core child"
@@ -247,7 +251,9 @@ def test_sigterm_drains_durably_and_exits_zero(env, sidecar):
 def small_disk(env):
     """The spool on a 2 MiB tmpfs: a real ENOSPC."""
     env.spool.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(env.spool)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(env.spool)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     yield env.spool

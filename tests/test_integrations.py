@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "transformers", "accelerate")

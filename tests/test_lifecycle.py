@@ -13,9 +13,20 @@ import signal
 import subprocess
 import sys
 
-from conftest import ROOT, all_history, chart, finish_trainer, start_trainer, stop_process, wait_for, wandb_records, wandb_summary
-from fakewandb import FakeWandb
+from conftest import (
+    ROOT,
+    all_history,
+    chart,
+    finish_trainer,
+    start_trainer,
+    stop_process,
+    wait_for,
+    wandb_records,
+    wandb_summary,
+)
 from trainer import train_metrics
+
+from devtools.fakewandb import FakeWandb
 
 TINY = ROOT / "examples" / "train_tiny.py"
 
@@ -66,7 +77,9 @@ def test_resume_from_an_earlier_checkpoint_keeps_every_resumed_step_on_the_same_
         env=env.vars(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        run = wait_for(lambda: (s := sc.status()) and s["runs"] and (s["runs"][0]["last_step"] or 0) >= 250 and s["runs"][0], 120)
+        run = wait_for(
+            lambda: (s := sc.status()) and s["runs"] and (s["runs"][0]["last_step"] or 0) >= 250 and s["runs"][0], 120
+        )
         first.send_signal(signal.SIGKILL)  # a crash at about step 250, after the checkpoint at 200
         first.wait(10)
     finally:
@@ -205,7 +218,9 @@ def test_resume_on_a_backend_without_rewind_lands_every_resumed_value_under_the_
         rows = fake.history_rows(run_id)
         steps = [r["_step"] for r in rows]
         assert steps == sorted(set(steps))  # wandb's own steps only ever go up
-        crashed = {r["_step"]: {k: v for k, v in r.items() if not k.startswith("_")} for r in rows if "trainer/step" not in r}
+        crashed = {
+            r["_step"]: {k: v for k, v in r.items() if not k.startswith("_")} for r in rows if "trainer/step" not in r
+        }
         assert crashed == {s: train_metrics(s) for s in range(1, 265)}  # nothing of the crashed attempt erased
         resumed = {r["trainer/step"]: {k: v for k, v in r.items() if not k.startswith("_") and k != "trainer/step"}
                    for r in rows if "trainer/step" in r}  # fmt: skip

@@ -10,11 +10,11 @@ import urllib.request
 
 import pytest
 import zmq
+from conftest import finish_trainer, start_trainer, wait_for
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from conftest import finish_trainer, start_trainer, wait_for
-from fakewandb import FakeWandb
+from devtools.fakewandb import FakeWandb
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -92,7 +92,12 @@ def test_metrics_endpoint_and_textfile_match_status_during_runs(env, sidecar, de
     send_garbage(env.address, [b"\xc1not msgpack", b"\x93\x01\x02\x03"])  # not msgpack; not a map
     sc.wait_run(done["run_id"], "finished")
     sc.wait_run(refused["run_id"], "failed")
-    wait_for(lambda: (r := sc.run(live["run_id"])) and r["state"] == "live" and r["pending"] == 0, 60, 0.2, "the open run to be live")
+    wait_for(
+        lambda: (r := sc.run(live["run_id"])) and r["state"] == "live" and r["pending"] == 0,
+        60,
+        0.2,
+        "the open run to be live",
+    )
 
     # during the run: the scrape agrees with `status --json` (its snapshot is at most ~1 s old)
     def agrees():
@@ -110,7 +115,10 @@ def test_metrics_endpoint_and_textfile_match_status_during_runs(env, sidecar, de
     assert value(m, "kforge_sidecar_spool_free_bytes") == pytest.approx(st["sidecar"]["spool"]["free_bytes"], rel=0.05)
     assert value(m, "kforge_sidecar_uptime_seconds") > 0
     assert value(m, "process_resident_memory_bytes") > 10e6  # prometheus_client's process collector
-    assert value(m, "kforge_sidecar_info", version=st["sidecar"]["version"], address=env.address, spool_dir=str(env.spool)) == 1
+    assert (
+        value(m, "kforge_sidecar_info", version=st["sidecar"]["version"], address=env.address, spool_dir=str(env.spool))
+        == 1
+    )
 
     # OpenMetrics, when the scraper asks for it, parsed by the OpenMetrics parser
     ctype, text = scrape(url, OPENMETRICS)
@@ -126,7 +134,11 @@ def test_metrics_endpoint_and_textfile_match_status_during_runs(env, sidecar, de
     def textfile_agrees():
         f = samples(textfile.read_text())
         got = {(n, tuple(x for x in lab if x[0] != "sidecar")): v for (n, lab), v in f.items()}
-        ok = all(got.get(k) == v for k, v in expected_from_status(sc.status()).items() if k[0] != "kforge_sidecar_spool_bytes")
+        ok = all(
+            got.get(k) == v
+            for k, v in expected_from_status(sc.status()).items()
+            if k[0] != "kforge_sidecar_spool_bytes"
+        )
         return f if ok else None
 
     f = wait_for(textfile_agrees, 10, 0.3, "the textfile to agree with status --json")

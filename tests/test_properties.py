@@ -19,11 +19,11 @@ import time
 import msgpack
 import numpy as np
 import zmq
+from conftest import all_history
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client import MetricsClient, protocol
-from conftest import all_history
 
 # ---------------------------------------------------------------- 1. log() against the validator
 
@@ -46,11 +46,17 @@ scalars = st.one_of(
     st.decimals(allow_nan=True).map(decimal.Decimal),
     st.fractions().map(fractions.Fraction),
 )
-junk = st.one_of(st.none(), st.text(max_size=20), st.lists(st.floats(), max_size=3), st.complex_numbers(), st.binary(max_size=5))
+junk = st.one_of(
+    st.none(), st.text(max_size=20), st.lists(st.floats(), max_size=3), st.complex_numbers(), st.binary(max_size=5)
+)
 values = st.dictionaries(keys, st.one_of(scalars, junk), max_size=40)
 wide = st.integers(min_value=1000, max_value=6000).map(lambda n: {f"w/{i}": float(i) for i in range(n)})
 steps = st.one_of(
-    st.none(), st.integers(), st.integers(min_value=0, max_value=2**63 - 1), st.floats(), st.text(max_size=3),
+    st.none(),
+    st.integers(),
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.floats(),
+    st.text(max_size=3),
     st.integers(min_value=0, max_value=10**6).map(np.int64),
 )
 configs = st.recursive(
@@ -79,7 +85,9 @@ def test_log_never_raises_and_never_makes_a_frame_the_sidecar_refuses(calls, cfg
             for f in frames:
                 assert isinstance(f, protocol.Metrics)
                 assert all(type(v) in (int, float, bool) for v in f.values.values())
-            ok_step = step is None or (isinstance(step, (int, np.integer)) and not isinstance(step, bool) and 0 <= step < 2**63)
+            ok_step = step is None or (
+                isinstance(step, (int, np.integer)) and not isinstance(step, bool) and 0 <= step < 2**63
+            )
             if ok_step:
                 # every scalar under a text key arrives (split frames of one step carry all of them)
                 got = {k: v for f in frames if f.kind == "train" for k, v in f.values.items()}
@@ -93,7 +101,9 @@ def test_log_never_raises_and_never_makes_a_frame_the_sidecar_refuses(calls, cfg
             assert isinstance(f, (protocol.ConfigUpdate, protocol.SummaryUpdate))
         assert protocol.decode_request(protocol.encode(mc._make_hello(1))).run_id == mc.run_id
         assert mc.stats().errors == sum(
-            2 for _, s in calls if not (s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < 2**63))
+            2
+            for _, s in calls
+            if not (s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < 2**63))
         )
     finally:
         mc.close(timeout=0)

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import all_history, finish_trainer, start_trainer, wait_for, wandb_records, wandb_summary
 
 from client import MetricsClient, protocol
 from client.values import short_key
-from conftest import all_history, finish_trainer, start_trainer, wait_for, wandb_records, wandb_summary
 
 HEAD = """
 import json, math, sys
@@ -73,7 +73,11 @@ def test_a_step_wider_than_a_frame_is_delivered_whole_and_the_stream_goes_on(env
     assert dups == 0
     long_key = "router/" + "expert_utilisation_" * 20
     for step in range(1, 4):
-        expected = {f"moe/layer{l:02d}/expert{e:03d}": step + l / 100 + e / 1e5 for l in range(24) for e in range(128)}
+        expected = {
+            f"moe/layer{layer:02d}/expert{e:03d}": step + layer / 100 + e / 1e5
+            for layer in range(24)
+            for e in range(128)
+        }
         expected[short_key(long_key, 256)] = float(step)
         assert rows[step] == expected  # one row per step: wandb merged the frames
     assert {s: rows[s] for s in range(4, 21)} == {s: {"loss": 1.0 / s} for s in range(4, 21)}
@@ -136,7 +140,11 @@ def test_step_none_follows_wandb_and_continues_across_a_resume(env, sidecar):
     sc.wait_run(run_id, "finished")
     second = run_script(env, body, run_id)
     assert second["run_id"] == run_id and second["closed"] is True
-    wait_for(lambda: (r := sc.run(run_id)) and r["state"] == "finished" and r["pending"] == 0, 60, what="resumed run finished")
+    wait_for(
+        lambda: (r := sc.run(run_id)) and r["state"] == "finished" and r["pending"] == 0,
+        60,
+        what="resumed run finished",
+    )
     rows, _ = all_history(env.wandb_dir, run_id)
     assert rows == {
         0: {"a": 0.0}, 1: {"a": 1.0}, 2: {"a": 2.0}, 3: {"a": 3.0}, 4: {"a": 4.0},
@@ -195,7 +203,8 @@ def test_the_run_records_the_trainer_program_args_git_and_its_process(env, sidec
             time.sleep(0.1)
         closed = mc.close(timeout=30)
         """,
-        "--lr", "3e-4",
+        "--lr",
+        "3e-4",
     )
     run_id = out["run_id"]
     sc.wait_run(run_id, "finished")
@@ -370,7 +379,11 @@ def test_config_updates_reach_every_later_segment_of_the_run(env, sidecar):
     run_id = run_script(env, body, "")["run_id"]
     sc.wait_run(run_id, "finished")
     assert run_script(env, body, run_id)["run_id"] == run_id
-    wait_for(lambda: (r := sc.run(run_id)) and r["state"] == "finished" and r["pending"] == 0, 60, what="resumed run finished")
+    wait_for(
+        lambda: (r := sc.run(run_id)) and r["state"] == "finished" and r["pending"] == 0,
+        60,
+        what="resumed run finished",
+    )
     files = segments(env, run_id)
     assert len(files) == 2
     assert wandb_summary(files[-1])["config"] == {"lr": 2.0, "extra": 3, "phase": "resume"}

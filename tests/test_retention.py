@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import Env, finish_trainer, run_trainer, start_trainer, wait_for
-from fakewandb import FakeWandb
+
+from devtools.fakewandb import FakeWandb
 from sidecar.retention import finished_at, parse_duration, parse_size
 from sidecar.spool import dir_bytes
 
@@ -29,7 +29,9 @@ def run_dirs(env: Env) -> set[str]:
 
 
 def cli(env: Env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sidecar", *args], env=env.vars(), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args], env=env.vars(), capture_output=True, text=True, timeout=60
+    )
 
 
 def test_retention_removes_exactly_the_finished_and_uploaded_runs_across_a_restart(env, sidecar, denied):
@@ -37,13 +39,23 @@ def test_retention_removes_exactly_the_finished_and_uploaded_runs_across_a_resta
     env.extra["WANDB_API_KEY"] = "k" * 40
     trainers = [
         start_trainer(env, "--steps", "10", "--name", "done"),
-        start_trainer(env, "--steps", "10", "--name", "refused", "--wandb-init", json.dumps({"mode": "online", "base_url": denied.url})),
+        start_trainer(
+            env,
+            "--steps",
+            "10",
+            "--name",
+            "refused",
+            "--wandb-init",
+            json.dumps({"mode": "online", "base_url": denied.url}),
+        ),
         start_trainer(env, "--steps", "10", "--no-close", "--name", "open"),  # uploaded, never closed
     ]
     done, refused, open_ = [finish_trainer(t)["run_id"] for t in trainers]
     sc.wait_run(done, "finished")
     sc.wait_run(refused, "failed")
-    wait_for(lambda: (r := sc.run(open_)) and r["state"] == "live" and r["pending"] == 0, 60, 0.2, "the open run uploaded")
+    wait_for(
+        lambda: (r := sc.run(open_)) and r["state"] == "live" and r["pending"] == 0, 60, 0.2, "the open run uploaded"
+    )
 
     # status: live and pending runs by default, every run with --all
     r = cli(env, "status")
@@ -122,9 +134,22 @@ def test_gc_command_and_the_size_cap_remove_oldest_finished_first_never_pending(
 
 def test_durations_and_sizes():
     assert [parse_duration(x) for x in ("7d", "12h", "30m", "90s", "3600", "1w", "0", "never")] == [
-        604800, 43200, 1800, 90, 3600, 604800, 0, None,
+        604800,
+        43200,
+        1800,
+        90,
+        3600,
+        604800,
+        0,
+        None,
     ]
-    assert [parse_size(x) for x in ("500M", "20G", "1.5k", "4096", "2GiB")] == [500 << 20, 20 << 30, 1536, 4096, 2 << 30]
+    assert [parse_size(x) for x in ("500M", "20G", "1.5k", "4096", "2GiB")] == [
+        500 << 20,
+        20 << 30,
+        1536,
+        4096,
+        2 << 30,
+    ]
     for bad in ("-5", "5x", "", "7 days"):
         with pytest.raises(ValueError):
             parse_duration(bad)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_trainer
-from fakewandb import FakeWandb
 from trainer import eval_metrics, train_metrics
+
+from devtools.fakewandb import FakeWandb
 
 
 @pytest.fixture
@@ -66,13 +66,21 @@ def test_sync_of_an_unknown_run_fails_clearly(env):
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "sidecar", "sync", "nosuchrun"], env=env.vars(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sidecar", "sync", "nosuchrun"],
+        env=env.vars(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 1
     assert f"kforge-sidecar sync: no spool at {env.spool} (no such directory)" in r.stderr  # not "nothing to upload"
     (env.spool / "runs").mkdir(parents=True)
     r = subprocess.run(
-        [sys.executable, "-m", "sidecar", "sync", "nosuchrun"], env=env.vars(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sidecar", "sync", "nosuchrun"],
+        env=env.vars(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 1
     assert "run nosuchrun: not in spool" in r.stderr

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from conftest import wandb_history
-from sidecar.uploader import TransactionLog
+
+from sidecar.txlog import TransactionLog
 
 SCRIPT = """
 import wandb

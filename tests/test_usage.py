@@ -13,11 +13,10 @@ import subprocess
 import sys
 import sysconfig
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from conftest import ROOT, Env, stop_process
 
 
@@ -31,15 +30,35 @@ def _mistakes(env: Env) -> list[tuple[list[str], dict[str, str], int, str]]:
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that was just reaped: no such process
     return [
-        (["serve", "--spool-dir", str(a_file)], {}, 2, f"spool directory {a_file} is a file, not a directory; choose another with --spool-dir"),
+        (
+            ["serve", "--spool-dir", str(a_file)],
+            {},
+            2,
+            f"spool directory {a_file} is a file, not a directory; choose another with --spool-dir",
+        ),
         (["serve", "--spool-dir", "/proc/kfs/spool"], {}, 2, "cannot create spool directory /proc/kfs/spool"),
         (["serve", "--log-level", "bogus"], {}, 2, "'bogus' is not a log level; use one of DEBUG, INFO"),
         (["serve", "--drain-timeout", "-5"], {}, 2, "'--drain-timeout': must be >= 0 (got -5)"),
         (["serve", "--init-timeout", "0"], {}, 2, "'--init-timeout': must be > 0 (got 0)"),
-        (["serve", "--retry-backoff", "5", "--retry-backoff-max", "1"], {}, 2, "'--retry-backoff-max': must be >= --retry-backoff (5)"),
-        (["serve", "--address", "/tmp/kfs.sock"], {}, 2, "'/tmp/kfs.sock' is not a ZeroMQ address; for a socket file write ipc:///tmp/kfs.sock"),
+        (
+            ["serve", "--retry-backoff", "5", "--retry-backoff-max", "1"],
+            {},
+            2,
+            "'--retry-backoff-max': must be >= --retry-backoff (5)",
+        ),
+        (
+            ["serve", "--address", "/tmp/kfs.sock"],
+            {},
+            2,
+            "'/tmp/kfs.sock' is not a ZeroMQ address; for a socket file write ipc:///tmp/kfs.sock",
+        ),
         (["serve", "--address", "localhost:5555"], {}, 2, "write tcp://localhost:5555"),
-        (["status"], {"KFORGE_SIDECAR_ADDR": "/tmp/kfs.sock"}, 2, "$KFORGE_SIDECAR_ADDR: '/tmp/kfs.sock' is not a ZeroMQ address"),
+        (
+            ["status"],
+            {"KFORGE_SIDECAR_ADDR": "/tmp/kfs.sock"},
+            2,
+            "$KFORGE_SIDECAR_ADDR: '/tmp/kfs.sock' is not a ZeroMQ address",
+        ),
         (["serve", "--retain", "-1d"], {}, 2, "'-1d' is not a duration (e.g. 7d, 12h, 30m, 90s, 3600, or never)"),
         (["serve", "--spool-max-bytes", "0"], {}, 2, "'--spool-max-bytes': '0': the size must be more than 0"),
         (["serve", "--metrics-port", "70000"], {}, 2, "70000 is not a TCP port"),
@@ -100,9 +119,13 @@ def test_spool_directory_of_another_user_or_unwritable_is_one_line(env):
 
 
 def test_version(env):
-    r = subprocess.run([sys.executable, "-m", "sidecar", "--version"], env=env.vars(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--version"], env=env.vars(), capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0
-    assert re.fullmatch(r"kforge-sidecar \d+\.\d+\.\d+\S* \(wandb \d+\.\d+\.\d+\S*, Python 3\.\d+\.\d+\)\n", r.stdout), r.stdout
+    assert re.fullmatch(
+        r"kforge-sidecar \d+\.\d+\.\d+\S* \(wandb \d+\.\d+\.\d+\S*, Python 3\.\d+\.\d+\)\n", r.stdout
+    ), r.stdout
 
 
 def _plain_install(base: Path) -> Path:
@@ -110,7 +133,11 @@ def _plain_install(base: Path) -> Path:
     the two packages, their two dependencies (pyzmq, msgpack) and the console script that
     pip writes for [project.scripts]. Returns the venv."""
     venv = base / "plain"
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    subprocess.run(
+        [getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)],
+        check=True,
+        timeout=60,
+    )
     site = Path(subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True, timeout=60,
@@ -138,7 +165,9 @@ def test_plain_install_says_in_one_line_what_to_install_and_the_client_works(env
     venv = _plain_install(env.base)
     clean = {"PATH": "/usr/bin:/bin", "HOME": str(env.base)}
     for args in (["serve"], ["--version"], []):
-        r = subprocess.run([str(venv / "bin" / "kforge-sidecar"), *args], env=clean, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [str(venv / "bin" / "kforge-sidecar"), *args], env=clean, capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 1, r.stderr
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
         assert "the daemon's dependencies are not installed (typer, rich, wandb, prometheus-client)" in r.stderr
@@ -151,7 +180,9 @@ def test_plain_install_says_in_one_line_what_to_install_and_the_client_works(env
         "print(mc.close(timeout=0.5), mc.stats().logged)\n"
         "import sys; assert not {'wandb', 'typer', 'rich', 'torch'} & set(sys.modules)\n"
     )
-    r = subprocess.run([str(venv / "bin" / "python"), "-c", code], env=clean, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], env=clean, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "1"]
 

@@ -1,18 +1,19 @@
 """wandb failing under the uploader: the failure sentinel, with every frame kept in the spool.
 
-The backend is a real HTTP server on 127.0.0.1 (tests/fakewandb.py) that the
+The backend is a real HTTP server on 127.0.0.1 (devtools/fakewandb.py) that the
 real wandb-core talks to; nothing of wandb is mocked.
 """
 
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_trainer, wait_for
-from fakewandb import FakeWandb
-from sidecar.spool import decode_record, Spool
-from client import protocol
 from trainer import train_metrics
+
+from client import protocol
+from devtools.fakewandb import FakeWandb
+from sidecar.record import decode_record
+from sidecar.spool import Spool
 
 
 @pytest.fixture

@@ -88,7 +88,9 @@ def main() -> int:
     p.add_argument("--hang-at", type=int, default=-1)
     p.add_argument("--marker", type=Path, default=None)
     p.add_argument("--resume", default=None)
-    p.add_argument("--evaluate-after", action="store_true", help="trainer.evaluate() after train(), same process and run")
+    p.add_argument(
+        "--evaluate-after", action="store_true", help="trainer.evaluate() after train(), same process and run"
+    )
     a = p.parse_args()
 
     torch.manual_seed(0)

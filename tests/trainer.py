@@ -70,7 +70,11 @@ def main() -> int:
     from client import MetricsClient
 
     mc = MetricsClient(
-        project=a.project, name=a.name, run_id=a.run_id, config=json.loads(a.config), wandb_init=json.loads(a.wandb_init)
+        project=a.project,
+        name=a.name,
+        run_id=a.run_id,
+        config=json.loads(a.config),
+        wandb_init=json.loads(a.wandb_init),
     )
     raised = None
     last_step = None

@@ -178,7 +178,7 @@ class SidecarLogger(Logger, Callback):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        """"failed": finish the run now, as failed (exit code 1), within ``close_timeout``.
+        """ "failed": finish the run now, as failed (exit code 1), within ``close_timeout``.
 
         Any other status ("success" after each ``fit``/``validate``/``test``,
         "finished" on a requeue signal) keeps the run open for the next stage;

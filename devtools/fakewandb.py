@@ -74,7 +74,7 @@ Resume and rewind (wandb-core 0.31, ``core/internal/runbranch``):
 
 Run standalone::
 
-    python tests/fakewandb.py --mode 401
+    python -m devtools.fakewandb --mode 401
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
     server: _Server
 
     # --- plumbing -----------------------------------------------------------
@@ -200,13 +201,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         if mode == "401":
             # Shaped like the real backend's answer to a bad API key.
-            self._send(401, {"errors": [{
-                "message": "user is not logged in (fakewandb: HTTP 401)",
-                "extensions": {"code": "PERMISSION_ERROR"}}], "data": None})
+            self._send(
+                401,
+                {
+                    "errors": [
+                        {
+                            "message": "user is not logged in (fakewandb: HTTP 401)",
+                            "extensions": {"code": "PERMISSION_ERROR"},
+                        }
+                    ],
+                    "data": None,
+                },
+            )
             return
         if mode == "500":
-            self._send(500, {"errors": [{
-                "message": "fakewandb: HTTP 500 internal server error"}], "data": None})
+            self._send(500, {"errors": [{"message": "fakewandb: HTTP 500 internal server error"}], "data": None})
             return
 
         # ok (or stall_after_init, outside file_stream)
@@ -250,9 +259,16 @@ def _peer_closed(conn: socket.socket) -> bool:
 class FakeWandb:
     """Local fake W&B backend.  See the module docstring."""
 
-    def __init__(self, mode: str = "ok", *, host: str = "127.0.0.1", port: int = 0,
-                 verbose: bool = False, rewind: bool = False,
-                 rewind_refusal_status: int = 200) -> None:
+    def __init__(
+        self,
+        mode: str = "ok",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = False,
+        rewind: bool = False,
+        rewind_refusal_status: int = 200,
+    ) -> None:
         self._cond = threading.Condition()
         self._mode = "ok"
         self.mode = mode
@@ -316,7 +332,6 @@ class FakeWandb:
                 if _peer_closed(conn):
                     return None
 
-
     # --- lifecycle ----------------------------------------------------------
 
     def start(self) -> FakeWandb:
@@ -327,8 +342,10 @@ class FakeWandb:
         srv.fake = self
         self._server = srv
         self._thread = threading.Thread(
-            target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-            name="fakewandb", daemon=True,
+            target=srv.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fakewandb",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -409,10 +426,16 @@ class FakeWandb:
             except Exception:
                 pass
         with self._lock:
-            self._requests.append({
-                "time": time.time(), "method": method, "path": path,
-                "operation": op, "mode": self._mode, "body": body,
-            })
+            self._requests.append(
+                {
+                    "time": time.time(),
+                    "method": method,
+                    "path": path,
+                    "operation": op,
+                    "mode": self._mode,
+                    "body": body,
+                }
+            )
         if self.verbose:
             sys.stderr.write(f"fakewandb: [{self._mode}] {method} {path} {op or ''}\n")
 
@@ -455,8 +478,7 @@ class FakeWandb:
 
     def file_stream_posts(self, run_id: str | None = None) -> list[dict]:
         with self._lock:
-            return [dict(p) for p in self._file_stream_posts
-                    if run_id is None or p["run"] == run_id]
+            return [dict(p) for p in self._file_stream_posts if run_id is None or p["run"] == run_id]
 
     def runs(self) -> dict[str, dict[str, Any]]:
         """Runs created/updated via UpsertBucket (or add_run), keyed by run id."""
@@ -468,9 +490,17 @@ class FakeWandb:
         with self._lock:
             return dict(self._uploads)
 
-    def add_run(self, run_id: str, rows: Any = (), *, entity: str | None = None,
-                project: str | None = None, config: dict | None = None,
-                summary: dict | None = None, exitcode: int | None = 0) -> None:
+    def add_run(
+        self,
+        run_id: str,
+        rows: Any = (),
+        *,
+        entity: str | None = None,
+        project: str | None = None,
+        config: dict | None = None,
+        summary: dict | None = None,
+        exitcode: int | None = 0,
+    ) -> None:
         """Put a run on the server as if a wandb process had logged it.
 
         So a test can resume (or rewind) a run without running a first wandb
@@ -563,13 +593,17 @@ class FakeWandb:
         entity = run.get("entity") or entity or "fake-entity"
         project = run.get("project") or project or "uncategorized"
         return {
-            "id": f"run:{entity}/{project}/{name}", "name": name,
+            "id": f"run:{entity}/{project}/{name}",
+            "name": name,
             "displayName": run.get("displayName") or name,
             "description": run.get("description"),
             "config": run.get("config") or "{}",
             "sweepName": run.get("sweep"),
-            "project": {"id": f"project:{entity}/{project}", "name": project,
-                        "entity": {"id": f"entity:{entity}", "name": entity}},
+            "project": {
+                "id": f"project:{entity}/{project}",
+                "name": project,
+                "entity": {"id": f"entity:{entity}", "name": entity},
+            },
             "historyLineCount": self._count(name, HISTORY_FILE),
         }
 
@@ -596,7 +630,8 @@ class FakeWandb:
             wandb_cfg = {}
         bucket = self._run_fields(name, entity, project)
         return {
-            "id": bucket["id"], "name": name,
+            "id": bucket["id"],
+            "name": name,
             "summaryMetrics": json.dumps(self._summary.get(name) or {}),
             "displayName": bucket["displayName"],
             "logLineCount": self._count(name, OUTPUT_FILE),
@@ -626,13 +661,18 @@ class FakeWandb:
         value = v.get("metricValue")
         with self._lock:
             if name not in self._runs and name not in self._lines:
-                return 404, {"errors": [{"message": "run not found", "path": ["rewindRun"]}],
-                             "data": {"rewindRun": None}}
+                return 404, {
+                    "errors": [{"message": "run not found", "path": ["rewindRun"]}],
+                    "data": {"rewindRun": None},
+                }
             if name not in self._exitcodes:
                 # W&B cloud's answer for a run still running (wandb/wandb#10438).
-                return 400, {"data": {"rewindRun": None}, "errors": [{
-                    "message": "cannot rewind a run that is not in a terminal state",
-                    "path": ["rewindRun"]}]}
+                return 400, {
+                    "data": {"rewindRun": None},
+                    "errors": [
+                        {"message": "cannot rewind a run that is not in a terminal state", "path": ["rewindRun"]}
+                    ],
+                }
             raw = self._lines.get(name, {}).get(HISTORY_FILE) or {}
             rows = self._history.get(name, {})
             order = sorted(raw)
@@ -642,8 +682,7 @@ class FakeWandb:
                 if isinstance(got, (int, float)) and value is not None and got <= value:
                     keep = n + 1
             kept = order[:keep]
-            self._lines.setdefault(name, {})[HISTORY_FILE] = {
-                n: raw[i] for n, i in enumerate(kept)}
+            self._lines.setdefault(name, {})[HISTORY_FILE] = {n: raw[i] for n, i in enumerate(kept)}
             self._history[name] = {n: rows[i] for n, i in enumerate(kept) if i in rows}
             summary: dict = {}
             for n in range(len(kept)):
@@ -692,7 +731,7 @@ class FakeWandb:
         return {"exitcode": None, "limits": {}}
 
     def _record_upload(self, path: str, body: bytes) -> None:
-        key = unquote(path[len("/storage/"):])
+        key = unquote(path[len("/storage/") :])
         with self._lock:
             self._uploads[key] = body
 
@@ -706,11 +745,19 @@ class FakeWandb:
         v = req.get("variables") or {}
 
         if op == "Viewer" or (not op and "viewer" in q):
-            return {"data": {"viewer": {
-                "id": "VXNlcjox", "entity": "fake-entity", "username": "fake-user",
-                "email": "fake@example.com", "admin": False, "flags": "{}",
-                "teams": {"edges": [{"node": {"name": "fake-entity"}}]},
-            }}}
+            return {
+                "data": {
+                    "viewer": {
+                        "id": "VXNlcjox",
+                        "entity": "fake-entity",
+                        "username": "fake-user",
+                        "email": "fake@example.com",
+                        "admin": False,
+                        "flags": "{}",
+                        "teams": {"edges": [{"node": {"name": "fake-entity"}}]},
+                    }
+                }
+            }
         if op == "ServerFeaturesQuery" or "serverInfo" in q:
             return {"data": {"serverInfo": {"features": []}}}
         if op == "UpsertBucket":
@@ -729,11 +776,16 @@ class FakeWandb:
             project = v.get("project") or "uncategorized"
             with self._lock:
                 bucket = self._resume_bucket(v.get("name") or "", entity, project)
-            return {"data": {"model": {
-                "id": f"project:{entity}/{project}", "name": project,
-                "entity": {"id": f"entity:{entity}", "name": entity},
-                "bucket": bucket,
-            }}}
+            return {
+                "data": {
+                    "model": {
+                        "id": f"project:{entity}/{project}",
+                        "name": project,
+                        "entity": {"id": f"entity:{entity}", "name": entity},
+                        "bucket": bucket,
+                    }
+                }
+            }
         if op == "RewindRun" or "rewindRun" in q:
             if not self.rewind:
                 return self.rewind_refusal_status, _unknown_field_error(q, "rewindRun", "Mutation")
@@ -741,12 +793,23 @@ class FakeWandb:
         if op == "CreateRunFiles":
             entity, project, run = v.get("entity"), v.get("project"), v.get("run")
             base = self.url
-            files = [{"name": f, "uploadUrl": f"{base}/storage/{quote(str(entity))}/"
-                      f"{quote(str(project))}/{quote(str(run))}/{quote(f)}"}
-                     for f in v.get("files") or []]
-            return {"data": {"createRunFiles": {
-                "runID": f"run:{entity}/{project}/{run}", "uploadHeaders": [], "files": files,
-            }}}
+            files = [
+                {
+                    "name": f,
+                    "uploadUrl": f"{base}/storage/{quote(str(entity))}/"
+                    f"{quote(str(project))}/{quote(str(run))}/{quote(f)}",
+                }
+                for f in v.get("files") or []
+            ]
+            return {
+                "data": {
+                    "createRunFiles": {
+                        "runID": f"run:{entity}/{project}/{run}",
+                        "uploadHeaders": [],
+                        "files": files,
+                    }
+                }
+            }
         if op == "MarkRunFilesUploaded":
             return {"data": {"markRunFilesUploaded": {"success": True}}}
         if op == "StopRun":
@@ -776,10 +839,14 @@ def _unknown_field_error(query: str, field: str, type_name: str) -> dict:
     idx = max(query.find(field), 0)
     line = query.count("\n", 0, idx) + 1
     column = idx - (query.rfind("\n", 0, idx) + 1) + 1
-    return {"errors": [{
-        "message": f'Cannot query field "{field}" on type "{type_name}".',
-        "locations": [{"line": line, "column": column}],
-    }]}
+    return {
+        "errors": [
+            {
+                "message": f'Cannot query field "{field}" on type "{type_name}".',
+                "locations": [{"line": line, "column": column}],
+            }
+        ]
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -787,13 +854,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="ok", choices=MODES)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
-    p.add_argument("--rewind", action="store_true",
-                   help="implement RewindRun (default: refuse it like self-managed W&B)")
+    p.add_argument(
+        "--rewind", action="store_true", help="implement RewindRun (default: refuse it like self-managed W&B)"
+    )
     args = p.parse_args(argv)
     srv = FakeWandb(args.mode, port=args.port, verbose=args.verbose, rewind=args.rewind).start()
     print(srv.url, flush=True)
-    print(f"# export WANDB_MODE=online WANDB_BASE_URL={srv.url} WANDB_API_KEY={DUMMY_API_KEY}",
-          file=sys.stderr, flush=True)
+    print(
+        f"# export WANDB_MODE=online WANDB_BASE_URL={srv.url} WANDB_API_KEY={DUMMY_API_KEY}",
+        file=sys.stderr,
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

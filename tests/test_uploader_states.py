@@ -1,0 +1,172 @@
+"""The uploader's state changes (sidecar/consumer.py), with a stand-in for wandb."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from client import protocol
+from client.protocol import Close, Hello, Metrics
+from sidecar.config import UploaderConfig
+from sidecar.consumer import Uploader
+from sidecar.exits import EXIT_DONE, EXIT_RETRY
+from sidecar.spool import RunMeta, Spool, UploaderState, UploadState
+from sidecar.wandb_errors import Permanent, Transient
+
+S = "session-a"
+
+
+class FakeSession:
+    """WandbSession's surface: ``start`` does what ``init`` says; ``finish`` what ``finish`` says."""
+
+    init = "ok"
+    finish_with = "ok"
+    sessions: list[FakeSession] = []
+
+    def __init__(self, cfg: UploaderConfig, meta: RunMeta):
+        self.run = None
+        self.offline = True
+        self.txlog = None
+        self.logged: list[tuple[dict, int]] = []
+        self.finished: list[int] = []
+        self.rewinds: list[int | None] = []
+        FakeSession.sessions.append(self)
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    wandb_dir = "/nowhere/wandb"
+
+    def start(self, state: UploaderState, trainer: Hello | None, rewind_to: int | None) -> None:
+        self.rewinds.append(rewind_to)
+        if self.init == "permanent":
+            raise Permanent("WandB init failed: AuthenticationError: 401 not logged in")
+        if self.init == "transient":
+            raise Transient("WandB init failed: CommError: 503")
+        self.run = object()
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((values, step))
+
+    def update_config(self, values: dict) -> None:
+        pass
+
+    def update_summary(self, values: dict) -> None:
+        pass
+
+    def written_step(self) -> int | None:
+        return None
+
+    def finish(self, exit_code: int) -> None:
+        if self.finish_with == "transient":
+            raise Transient("wandb finish failed: TimeoutError")
+        self.finished.append(exit_code)
+        self.run = None
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    FakeSession.init, FakeSession.finish_with, FakeSession.sessions = "ok", "ok", []
+
+
+def _run(tmp_path: Path, *msgs) -> Path:
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    rs = spool.create_run(RunMeta(run_id="r1", project="p", name=None, config={}, host="h"))
+    rs.log.open_for_append()
+    for m in msgs:
+        rs.log.append(protocol.encode(m))
+    rs.log.close()
+    return rs.dir
+
+
+def _first_end(run_dir: Path) -> int:
+    """Where the first record (the hello: nothing for wandb) ends."""
+    return next(Spool(run_dir.parent.parent).run(run_dir.name).log.records()).end
+
+
+def _hello():
+    return Hello(session=S, project="p", name=None, run_id="r1", config={}, pid=os.getpid(), host="h")
+
+
+def _metrics(seq: int, step: int):
+    return Metrics(session=S, seq=seq, step=step, kind="train", time=0.0, values={"x": float(step)})
+
+
+def _upload(run_dir: Path, sync: bool = False) -> tuple[int, UploaderState]:
+    cfg = UploaderConfig(run_dir=run_dir, init_timeout=5, finish_timeout=5, flush_interval=1, drain_timeout=5,
+                         log_level="INFO", system_metrics=False, sync=sync, poll_interval=0.01)  # fmt: skip
+    code = Uploader(cfg, session=FakeSession).serve()
+    return code, Uploader(cfg).spool.read_uploader()
+
+
+def test_a_closed_run_goes_live_then_finished_and_the_cursor_reaches_the_end(tmp_path):
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0), _metrics(2, 1), _metrics(3, 2), Close(S, 4, exit_code=0))
+    code, st = _upload(run_dir)
+    assert code == EXIT_DONE and st.state == UploadState.FINISHED
+    (s,) = FakeSession.sessions
+    assert [step for _v, step in s.logged] == [0, 1, 2] and s.finished == [0]
+    assert (st.uploaded, st.trusted, st.last_step, st.error) == (3, 3, 2, None)
+    assert st.offset == (run_dir / "frames.log").stat().st_size
+    hb = Spool(tmp_path / "spool").run("r1").read_heartbeat()
+    assert hb.pid == os.getpid() and hb.busy_until is None and hb.at > 0
+
+
+def test_a_permanent_init_failure_is_the_sentinel_and_only_sync_retries_it(tmp_path):
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0), Close(S, 2))
+    FakeSession.init = "permanent"
+    code, st = _upload(run_dir)
+    assert code == EXIT_DONE and st.state == UploadState.FAILED and "401" in st.error
+    assert (st.offset, st.trusted) == (_first_end(run_dir), 0)  # past the hello only: the frames stay
+    FakeSession.init = "ok"
+    code, st = _upload(run_dir)  # a restarted uploader leaves a failed run alone
+    assert code == EXIT_DONE and st.state == UploadState.FAILED and len(FakeSession.sessions) == 1
+    code, st = _upload(run_dir, sync=True)  # kforge-sidecar sync retries it
+    assert code == EXIT_DONE and st.state == UploadState.FINISHED and st.uploaded == 1
+
+
+def test_a_transient_init_failure_is_retrying(tmp_path):
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0))
+    FakeSession.init = "transient"
+    code, st = _upload(run_dir)
+    assert code == EXIT_RETRY and st.state == UploadState.RETRYING and "503" in st.error
+    FakeSession.init = "ok"
+    code, st = _upload(run_dir, sync=True)  # the next uploader starts from waiting, and drains
+    assert code == EXIT_DONE and st.state == UploadState.WAITING and st.error is None
+    assert st.trusted == 1
+
+
+def test_a_failed_finish_keeps_the_cursor_before_what_wandb_did_not_confirm(tmp_path):
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0), _metrics(2, 1), Close(S, 3))
+    FakeSession.finish_with = "transient"
+    code, st = _upload(run_dir)
+    assert code == EXIT_RETRY and st.state == UploadState.RETRYING
+    assert (st.trusted, st.offset) == (0, _first_end(run_dir))  # nothing wandb did not confirm
+
+
+def test_a_drain_finishes_the_segment_and_waits(tmp_path):
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0), _metrics(2, 1))
+    code, st = _upload(run_dir, sync=True)
+    assert code == EXIT_DONE and st.state == UploadState.WAITING
+    assert FakeSession.sessions[0].finished == [0] and st.trusted == 2
+
+
+def test_a_finished_run_that_a_resumed_trainer_reopened_starts_again_from_waiting(tmp_path):
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0), Close(S, 2, exit_code=0))
+    code, st = _upload(run_dir)
+    assert st.state == UploadState.FINISHED
+    rs = Spool(tmp_path / "spool").run("r1")
+    rs.log.open_for_append()
+    resumed = "session-b"
+    rs.log.append(
+        protocol.encode(Hello(session=resumed, project="p", name=None, run_id="r1", config={}, pid=1, host="h"))
+    )
+    rs.log.append(protocol.encode(Metrics(session=resumed, seq=1, step=1, kind="train", time=0.0, values={"x": 1.0})))
+    rs.log.append(protocol.encode(Close(resumed, 2, exit_code=0)))
+    rs.log.close()
+    code, st = _upload(run_dir)
+    assert code == EXIT_DONE and st.state == UploadState.FINISHED and st.uploaded == 2
+    assert [step for _v, step in FakeSession.sessions[-1].logged] == [1]
