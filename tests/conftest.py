@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -219,8 +220,20 @@ def finish_trainer(proc: subprocess.Popen, timeout: float = 120) -> dict:
 # ------------------------------------------------------------------ wandb's record
 
 
+def run_files(wandb_dir: Path, run_id: str) -> list[Path]:
+    """A run's .wandb files, one per wandb.init, in the order wandb wrote them. Two inits in
+    the same second share a directory name, and wandb gives the later one a ``-1`` suffix."""
+    pattern = re.compile(rf"(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?$")
+    found = []
+    for f in wandb_dir.glob(f"wandb/*-{run_id}*/run-{run_id}.wandb"):
+        m = pattern.search(f.parent.name)
+        if m:
+            found.append(((m[1], int(m[2] or 0)), f))
+    return [f for _, f in sorted(found)]
+
+
 def wandb_file(wandb_dir: Path, run_id: str) -> Path:
-    files = sorted(wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    files = run_files(wandb_dir, run_id)
     assert files, f"no .wandb file for run {run_id} under {wandb_dir}"
     return files[-1]
 
@@ -263,7 +276,7 @@ def all_history(wandb_dir: Path, run_id: str) -> tuple[dict[int, dict], int]:
     """Every (step, key, value) of a run across all its .wandb files (offline, a
     restarted uploader starts a new file). Returns step -> {key: value}, and how
     many values were recorded more than once; a repeat must be an exact copy."""
-    files = sorted(wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    files = run_files(wandb_dir, run_id)
     assert files, f"no .wandb file for run {run_id} under {wandb_dir}"
     rows: dict[int, dict] = {}
     dups = 0
@@ -292,7 +305,7 @@ def chart(wandb_dir: Path, run_id: str) -> dict[int, dict]:
     ``wandb sync`` or the server does): a segment with a branch point first erases the
     rows above it (a rewind); a continuing segment's rows at or below the run's last
     step are dropped, as wandb drops them, unless they only repeat what is there."""
-    files = sorted(wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    files = run_files(wandb_dir, run_id)
     assert files, f"no .wandb file for run {run_id} under {wandb_dir}"
     rows: dict[int, dict] = {}
     for f in files:

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Env, stop_process, wait_for, wandb_records, wandb_summary
+from conftest import Env, run_files, stop_process, wait_for, wandb_records, wandb_summary
 
 HERE = Path(__file__).resolve().parent
 
@@ -50,7 +50,7 @@ def rows(calls: list[dict]) -> dict[int, dict]:
 
 def segments(env: Env, run_id: str) -> list[Path]:
     """The run's .wandb files in the order wandb wrote them (one per wandb.init)."""
-    files = sorted(env.wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    files = run_files(env.wandb_dir, run_id)
     assert files, f"no .wandb file for run {run_id} under {env.wandb_dir}"
     return files
 

@@ -12,7 +12,7 @@ import time
 import types
 from pathlib import Path
 
-from conftest import all_history, finish_trainer, start_trainer, wait_for, wandb_summary
+from conftest import all_history, finish_trainer, run_files, start_trainer, wait_for, wandb_summary
 from trainer import KEYS, eval_metrics, train_metrics
 
 from client.backend import SidecarBackend
@@ -106,7 +106,7 @@ def test_backend_run_id_into_checkpoint_and_resume_continues_the_run(env, sideca
     assert rows == _expected(range(1, 81), 10)
     assert set(KEYS) <= set(rows[51])
 
-    files = sorted(env.wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    files = run_files(env.wandb_dir, run_id)
     summary = wandb_summary(files[0])
     assert (summary["project"], summary["name"], summary["run_id"]) == ("kf", "bk", run_id)
     assert summary["config"] == {"train": {"lr": 3e-4, "betas": [0.9, 0.95], "mode": "fsdp"}, "seed": 7}

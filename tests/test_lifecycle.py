@@ -18,6 +18,7 @@ from conftest import (
     all_history,
     chart,
     finish_trainer,
+    run_files,
     start_trainer,
     stop_process,
     wait_for,
@@ -33,7 +34,7 @@ TINY = ROOT / "examples" / "train_tiny.py"
 
 def segments(env, run_id: str) -> list:
     """The run's .wandb files in the order wandb wrote them (one per wandb.init)."""
-    return sorted(env.wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    return run_files(env.wandb_dir, run_id)
 
 
 def history_by_step(path) -> dict[int, dict]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import all_history, finish_trainer, start_trainer, wait_for, wandb_records, wandb_summary
+from conftest import all_history, finish_trainer, run_files, start_trainer, wait_for, wandb_records, wandb_summary
 
 from client import MetricsClient, protocol
 from client.values import short_key
@@ -37,7 +37,7 @@ def run_script(env, body: str, *args: str, timeout: float = 120) -> dict:
 
 
 def segments(env, run_id: str) -> list[Path]:
-    return sorted(env.wandb_dir.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    return run_files(env.wandb_dir, run_id)
 
 
 def record_of(env, run_id: str, kind: str) -> list[dict]:
