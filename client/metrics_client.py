@@ -198,7 +198,7 @@ class MetricsClient:
         self._dropped_values = 0
         self._errors = 0
         self._late = 0
-        self._max_step = -1  # the highest explicit step logged in this session
+        self._max_step = 0  # the highest explicit step logged in this session
         self._warned_keys: set[str] = set()
         self._closed = False
         self._pid = os.getpid()
@@ -269,7 +269,9 @@ class MetricsClient:
                     if v is not None:
                         values[key] = v
             if step is not None:
-                if device.is_device_tensor(step):
+                if type(step) is int and self._max_step <= step <= _I64_MAX:
+                    self._max_step = step  # the common case, without a call
+                elif device.is_device_tensor(step):
                     on_device = on_device or {}
                     on_device[None] = step
                 else:
@@ -335,8 +337,8 @@ class MetricsClient:
             self._max_step = step
         return step
 
-    def _warn(self, key: str, why: str) -> None:
-        self._dropped_values += "logged as" not in why
+    def _warn(self, key: str, why: str, dropped: bool = True) -> None:
+        self._dropped_values += dropped  # a renamed key is warned about, not dropped
         if key not in self._warned_keys:
             self._warned_keys.add(key)
             shown = key if len(key) <= 80 else f"{key[:60]}...({len(key)} characters)"

@@ -39,7 +39,7 @@ SAFE_KEYS = min(
     (protocol.DEFAULT_LIMITS.max_frame_bytes - _FRAME_OVERHEAD) // _ENTRY_MAX,
 )
 
-Warn = Callable[[str, str], None]  # (key, why): the client's one-warning-per-key
+Warn = Callable[..., None]  # (key, why, dropped=True): the client's one-warning-per-key
 
 
 def short_key(key: str, limit: int) -> str:
@@ -54,19 +54,19 @@ def normal_key(key: Any, warn: Warn, limits: protocol.Limits = protocol.DEFAULT_
         if isinstance(key, bytes):
             return warn(repr(key), "metric names must be text, not bytes")
         text = str(key)
-        warn(repr(key), f"metric name is a {type(key).__name__}; logged as {text!r}")
+        warn(repr(key), f"metric name is a {type(key).__name__}; logged as {text!r}", dropped=False)
         key = text
     if not key:
         return warn(key, "empty metric name")
     if len(key) > limits.max_key_len:
         short = short_key(key, limits.max_key_len)
-        warn(key, f"metric name longer than {limits.max_key_len} characters; logged as {short!r}")
+        warn(key, f"metric name longer than {limits.max_key_len} characters; logged as {short!r}", dropped=False)
         return short
     try:
         key.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: msgpack cannot carry it
         fixed = key.encode("utf-8", "backslashreplace").decode("utf-8")
-        warn(key, f"metric name is not valid Unicode; logged as {fixed!r}")
+        warn(key, f"metric name is not valid Unicode; logged as {fixed!r}", dropped=False)
         return normal_key(fixed, warn, limits)
     return key
 
@@ -98,10 +98,8 @@ def scalar(key: str, value: Any, warn: Warn) -> int | float | bool | None:
             v = item()  # a CUDA tensor synchronises here (issue: log without host syncs)
         except Exception as exc:
             return warn(key, f"item() failed: {exc}")
-        if type(v) in (int, float, bool):
+        if isinstance(v, numbers.Number):  # Python's, or numpy's from an object array
             return scalar(key, v, warn)
-        if hasattr(v, "dtype") or isinstance(v, numbers.Number):
-            return scalar(key, v, warn) if not isinstance(v, complex) else warn(key, "complex is not a scalar")
         return warn(key, f"item() gave a {type(v).__name__}")
     if isinstance(value, complex):
         return warn(key, "complex is not a scalar wandb can chart")

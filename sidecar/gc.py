@@ -8,13 +8,13 @@ never touch one spool at once.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
 
 import typer
 
+from .proc import try_lock
 from .retention import RetentionPolicy, describe, format_bytes, plan, removable, remove_run, sweep_trash
 from .spool import Spool
 from .status import offline_status
@@ -23,13 +23,7 @@ from .sync import spools_under
 
 def _lock(spool: Spool) -> int | None:
     """The spool's sidecar lock, or None when a running sidecar holds it."""
-    fd = os.open(spool.root / "sidecar.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(spool.root / "sidecar.lock")
 
 
 def _owner(spool: Spool) -> str:

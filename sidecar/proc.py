@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -50,3 +51,15 @@ def redirect_stderr(path: Path) -> None:
         os.dup2(fd, 2)
     finally:
         os.close(fd)
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive, non-blocking flock on ``path`` (created 0600): its fd, held until the
+    process closes it or dies, or None when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -13,7 +13,6 @@ policy (retention.py) and writes the metrics textfile (metrics.py).
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
@@ -29,7 +28,7 @@ from client.address import SocketDirError, ensure_socket_dir, ipc_path
 
 from .config import ServeConfig
 from .exits import EXIT_IN_USE, EXIT_OK, EXIT_UNSAFE
-from .proc import pid_alive, redirect_stderr
+from .proc import pid_alive, redirect_stderr, try_lock
 from .receiver import Receiver
 from .retention import describe, format_bytes, format_duration, plan, remove_run, sweep_trash
 from .runstate import RunState
@@ -413,12 +412,12 @@ def _lock_file(path: Path, busy: str) -> int:
     the job's sidecar, then waits on the flock for it to drain; the logrotate recipe in
     deploy/README.md reads it too. Change them together.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    fd = try_lock(path)
+    if fd is None:
+        try:
+            owner = path.read_bytes()[:32].decode(errors="replace").strip() or "?"
+        except OSError:
+            owner = "?"
         raise StartupError(busy.format(owner=owner, path=path.parent), EXIT_IN_USE) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

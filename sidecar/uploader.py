@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -36,19 +34,14 @@ from pathlib import Path
 from .config import UploaderConfig
 from .consumer import Uploader
 from .exits import EXIT_CRASHED, EXIT_LOCKED
+from .proc import try_lock
 
 log = logging.getLogger("kforge_sidecar.uploader")
 
 
 def _lock(run_dir: Path) -> int | None:
     """One uploader per run, even across a sidecar restart that left an old one behind."""
-    fd = os.open(run_dir / "uploader.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(run_dir / "uploader.lock")
 
 
 def _die_with_parent() -> None:
