@@ -14,8 +14,15 @@ Client → sidecar:
   status   (control, from the CLI)
   stop     (control, from the CLI)
 
+A seq'd frame (metrics, config, summary, close) may also travel in a batch: one
+ZeroMQ part holding several such frames of one session back to back, each a
+complete msgpack map exactly as it would travel alone, in seq order. Each is
+validated, stored and acknowledged as if it had come alone. A client sends
+batches only to a sidecar whose welcome carries ``batch`` (the largest batch
+part it takes, in bytes); a hello always travels alone.
+
 Sidecar → client:
-  welcome  session, run_id, acked
+  welcome  session, run_id, acked, batch
   ack      session, seq          every seq <= seq is durable in the spool (or refused, below)
   nack     session, seq          a gap after seq: resend from seq + 1
   error    session, reason, fatal, code, seq
@@ -94,6 +101,7 @@ class Limits:
     max_key_len: int = 256
     max_str_len: int = 1024  # project, name, host
     max_config_depth: int = 32
+    max_batch_bytes: int = 1024 * 1024  # one ZeroMQ part of back-to-back frames (see the module doc)
 
 
 DEFAULT_LIMITS = Limits()
@@ -190,6 +198,7 @@ class Welcome:
     session: str
     run_id: str
     acked: int
+    batch: int = 0  # the largest batch part this sidecar takes, in bytes; 0: one frame per part
     t: str = field(default="welcome", init=False)
 
 
@@ -501,7 +510,13 @@ def decode_response(raw: bytes) -> Response:
     if t == "nack":
         return Nack(session=_session(obj), seq=_field(obj, "seq", (int,)))
     if t == "welcome":
-        return Welcome(session=_session(obj), run_id=_field(obj, "run_id", (str,)), acked=_field(obj, "acked", (int,)))
+        batch = obj.get("batch")
+        return Welcome(
+            session=_session(obj),
+            run_id=_field(obj, "run_id", (str,)),
+            acked=_field(obj, "acked", (int,)),
+            batch=batch if type(batch) is int and batch > 0 else 0,  # an older sidecar: none
+        )
     if t == "error":
         seq = obj.get("seq")
         return Error(
