@@ -52,9 +52,15 @@ test-wandb-min: $(STAMP) $(MIN_STAMP)
 	KFORGE_TEST_WANDB_CLI=$(CURDIR)/$(VENV)/bin/wandb timeout -k 30 $(TEST_BUDGET) \
 		$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(WANDB_TESTS)
 
+# Every figure beside its reference from the same run; bench/report.py prints the one table
+# (bench-out/report.md) that the README's figures come from.
+BENCHES = client_speed receiver_cpu sidecar_rss uploader_drain
 bench: $(STAMP)
+	rm -f bench-out/*.json
 	$(PY) bench/log_latency.py
 	$(PY) bench/log_latency_faults.py
+	for b in $(BENCHES); do $(PY) bench/$$b.py || exit 1; done
+	$(PY) bench/report.py
 
 # For a CUDA machine without a package index: the wheels bench/gpu_check.sh installs there
 gpu-wheels: $(STAMP)
