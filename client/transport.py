@@ -87,9 +87,10 @@ class Transport(threading.Thread):
     RTO_MAX = 30.0
     BUSY_TICK_MS = 5  # how often buffered frames are looked at
     IDLE_TICK_MS = 25
-    BURST = 0.0003  # seconds of work between two real waits, so the train loop never waits long for the GIL
+    BURST = 0.0002  # seconds of work between two real waits, so the train loop never waits long for the GIL
     PAUSE = 0.0002  # the real wait between two bursts while more work is ready
-    CHUNK_FRAMES = 256  # frames moved from the outbox in one bulk
+    CHUNK_FRAMES = 128  # frames moved from the outbox in one bulk
+    SEND_RUN = 16  # frames sent one per part between two looks at the clock
     MERGE_BELOW = 32 * 1024  # a chunk smaller than this takes the next frames in (few, large chunks)
     INFLIGHT_MAX = 16_384  # frames sent and not yet acknowledged: bounds what waits inside ZeroMQ
     HELLO_AGAIN = 0.2  # seconds between two hellos that restart the stream (reconnects, nacks)
@@ -564,13 +565,13 @@ class Transport(threading.Thread):
         return k
 
     def _send_frames(self, sock: zmq.Socket, chunk: _Chunk, j: int, room: int) -> int:
-        """Frames j.. of ``chunk``, one per part, at most 64 (a bound on the burst);
-        the index after the last frame sent."""
+        """Frames j.. of ``chunk``, one per part, at most ``SEND_RUN`` (a bound on the
+        burst); the index after the last frame sent."""
         ends, view, send, noblock = chunk.ends, memoryview(chunk.data), sock.send, zmq.NOBLOCK
         start = ends[j - 1] if j else 0
         k = j
         try:
-            for stop in ends[j : min(len(ends), j + room, j + 64)]:
+            for stop in ends[j : min(len(ends), j + room, j + self.SEND_RUN)]:
                 send(view[start:stop], noblock)
                 start = stop
                 k += 1
