@@ -447,9 +447,14 @@ class Transport(threading.Thread):
     # ---------------------------------------------------------------- the bound
 
     def _bound(self) -> None:
-        over = (self._end - self._base) - self.capacity
+        """Keep the newest ``capacity`` frames of the whole buffer. Frames still in the
+        outbox are newer than the window's: counting them here drops the window's
+        oldest before they are sent, not after (a burst that stopped at its deadline
+        would otherwise send frames the next one drops)."""
+        held = self._end - self._base
+        over = held + len(self.outbox) + len(self._held) - self.capacity
         if over > 0:
-            self._evict(over)
+            self._evict(min(over, held))
 
     def _evict(self, n: int, missing: int = 0) -> None:
         """Take the ``n`` oldest frames off the window, over capacity; ``missing``

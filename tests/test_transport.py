@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgpack
@@ -187,3 +188,25 @@ def test_close_and_flush_wake_the_sender_at_once(fake, monkeypatch):
     assert mc.close(timeout=10) is True
     assert time.perf_counter() - t0 < 2.5  # neither waited for a tick
     assert f.seen.stored == list(range(1, 12))
+
+
+def test_frames_waiting_in_the_outbox_count_against_the_buffer_before_anything_is_sent():
+    """A burst that stops at its deadline with frames still in the outbox must not send
+    window frames that those newer frames push out: the whole buffer keeps the newest."""
+    outbox: deque = deque(maxlen=100)
+    t = Transport("ipc:///nonexistent/kfs.sock", "s" * 16, None, outbox, 100, None, None)  # not started
+    frames = {s: protocol.encode(protocol.Close("s" * 16, s)) for s in range(1, 301)}
+    t.outbox = outbox = deque(frames.items(), maxlen=1000)  # as if the sender had fallen behind
+    t._drain_outbox(deadline=0)  # one bulk, then out of time
+    t._bound()
+    assert t._end - t._base == 0 and t.counters.dropped == Transport.CHUNK_FRAMES and t._tell_drop
+    while outbox:
+        t._drain_outbox(deadline=0)
+        t._bound()
+    assert (t._base, t._end, t.counters.dropped, t.buffered) == (201, 301, 200, 100)
+    held = {}
+    for c in t._chunks:  # a chunk's frames below base (acked or dropped) may stay until all of it goes
+        for i, end in enumerate(c.ends):
+            held[c.first + i] = c.data[c.ends[i - 1] if i else 0 : end]
+    assert {s: held[s] for s in range(t._base, t._end)} == {s: frames[s] for s in range(201, 301)}
+    t.close_wake_pipe()
