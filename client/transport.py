@@ -14,8 +14,9 @@ Delivery is go-back-N over a DEALER socket:
 - the buffer is bounded: past ``capacity`` frames the oldest leave the
   window. One already sent is not lost yet: it counts as acked when its ack
   comes (as dropped if the connection fails first). One never sent is dropped
-  and counted, and a hello goes out at once, ahead of the next frame, to tell
-  the sidecar not to wait for it; the stream goes on without a pause.
+  and counted, and a hello goes out ahead of the next frame to tell the sidecar
+  not to wait for it; nothing is resent, and the sidecar keeps working through
+  what is queued for it meanwhile.
 
 The window holds consecutive sequence numbers only (frames leave its old end,
 never its middle), so a hello's ``first`` is all the sidecar needs to know
@@ -94,6 +95,7 @@ class Transport(threading.Thread):
     MERGE_BELOW = 32 * 1024  # a chunk smaller than this takes the next frames in (few, large chunks)
     INFLIGHT_MAX = 16_384  # frames sent and not yet acknowledged: bounds what waits inside ZeroMQ
     HELLO_AGAIN = 0.2  # seconds between two hellos that restart the stream (reconnects, nacks)
+    DROP_HELLO_EVERY = 0.05  # seconds between two hellos that announce drops: each costs the sidecar a config decode
     HEARTBEAT = 5.0  # an idle client pings this often, so the sidecar knows it is alive
     NO_SIDECAR_WARNING = 5.0  # seconds after the first frame without a welcome: say so, once
 
@@ -509,7 +511,7 @@ class Transport(threading.Thread):
         elif not self._welcomed and not self._need_hello and now - self._last_hello > self.RTO_MIN:
             self._need_hello = True  # the hello or its answer was lost: say it again
         if self._need_hello or self._tell_drop:
-            if self._need_hello and now - self._last_hello < self.HELLO_AGAIN:
+            if now - self._last_hello < (self.HELLO_AGAIN if self._need_hello else self.DROP_HELLO_EVERY):
                 return False
             try:
                 sock.send(protocol.encode(self._hello(self._base)), zmq.NOBLOCK)
