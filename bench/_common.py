@@ -77,11 +77,11 @@ def write_report(name: str, rows: list[dict], out: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bench": name, "machine": machine(), "rows": rows}, indent=2))
     print(f"\n{name} ({machine()})")
-    print(f"{'what':<44} {'value':>12} {'reference':>12} {'ratio':>8}  {'goal':<10} met")
+    print(f"{'what':<48} {'value':>19} {'reference':>19} {'ratio':>7}  {'goal':<11} met")
     for r in rows:
+        value, ref = f"{r['value']:.4g} {r['unit']}", f"{r['reference']:.4g} {r['unit']}"
         print(
-            f"{r['what'][:44]:<44} {r['value']:>10.4g} {r['unit'][:2]:<2}{r['reference']:>10.4g} {r['unit'][:2]:<2}"
-            f"{r['ratio']:>7.3g}  {r['goal']:<10} {'yes' if r['met'] else 'NO'}"
+            f"{r['what'][:48]:<48} {value:>19} {ref:>19} {r['ratio']:>7.3g}  {r['goal']:<11} {'yes' if r['met'] else 'NO'}"
         )
     print(f"written to {out}")
     return out
