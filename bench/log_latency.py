@@ -25,7 +25,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,18 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import metrics, start_sidecar, stop_sidecar  # noqa: E402
 
 SCENARIOS = ("floor", "healthy", "no-sidecar", "in-process")
-
-
-def metrics(step: int) -> dict[str, float]:
-    loss = 11.0 / (1.0 + 0.01 * step)
-    return {
-        "train/loss": loss, "train/grad_norm": 1.1, "train/lr": 3e-4, "train/tokens_per_sec": 1.2e5,
-        "train/mfu": 0.41, "train/step_time_sec": 0.5, "gpu/allocated_gb": 10.5, "gpu/peak_gb": 12.25,
-        "gpu/reserved_gb": 14.0, "gpu/mem_utilization": 0.75, "smoothed/loss": loss,
-        "smoothed/tokens_per_sec": 1.19e5, "smoothed/mfu": 0.4, "smoothed/step_time": 0.51,
-    }  # fmt: skip
 
 
 def timed(call, calls: int, warmup: int = 2000) -> list[int]:
@@ -121,12 +113,7 @@ def run_client(calls: int, work: Path, with_sidecar: bool) -> list[int]:
     addr = f"ipc://{work}/sock/sidecar.sock"
     sidecar = None
     if with_sidecar:
-        env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(work), WANDB_SILENT="true")
-        sidecar = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--address", addr, "--spool-dir", str(work / "spool"),
-             "--log-level", "WARNING"],
-            env=env, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
+        sidecar = start_sidecar(work, addr)
     mc = MetricsClient(address=addr, name="bench", buffer_size=max(calls, 100_000))
     try:
         if with_sidecar:
@@ -141,12 +128,7 @@ def run_client(calls: int, work: Path, with_sidecar: bool) -> list[int]:
         return lat
     finally:
         if sidecar is not None:
-            sidecar.send_signal(signal.SIGTERM)
-            try:
-                sidecar.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(sidecar.pid, signal.SIGKILL)
-                sidecar.wait()
+            stop_sidecar(sidecar)
 
 
 def run_in_process(calls: int, work: Path) -> list[int]:

@@ -440,6 +440,7 @@ class MetricsClient:
         )
         self._last_seq = seq
         t = self._transport
+        t.wake()
         started = time.monotonic()
         done = t.wait_acked(seq, timeout)
         waited = time.monotonic() - started
@@ -469,6 +470,7 @@ class MetricsClient:
         """Wait until everything logged so far is durable in the sidecar's spool."""
         if self._transport is None:
             return self._inert
+        self._transport.wake()
         return self._transport.wait_acked(self._last_seq, timeout)
 
     def stats(self) -> ClientStats:
@@ -493,7 +495,7 @@ class MetricsClient:
             acked=c.acked,
             buffered=t.buffered,
             # + frames the outbox's maxlen pushed out that the sender has not noticed yet
-            dropped=c.dropped + max(0, self._last_seq - c.highest_seen - len(self._outbox)),
+            dropped=c.dropped + max(0, self._last_seq - c.highest_seen - len(self._outbox) - len(t._held)),
             dropped_values=self._dropped_values,
             errors=self._errors,
             refused=c.refused,
@@ -517,6 +519,8 @@ def _after_fork_in_child() -> None:
     # not be used across fork: every inherited client goes quiet.
     for client in list(_live):
         client._inert = True
+        if client._transport is not None:
+            client._transport.close_wake_pipe(locked=False)
         client._transport = None
     _live.clear()
 

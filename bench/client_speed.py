@@ -1,0 +1,440 @@
+"""The client's four speed figures (issue #13), each beside its reference measured in the same run.
+
+    PYTHONPATH=. python bench/client_speed.py [--quick]
+
+  log-max    worst log() call over 100k calls (14-key dict, tight loop) against a real
+             `kforge-sidecar serve` (wandb offline), vs the worst raw ZeroMQ send of the
+             same frames (encode + NOBLOCK send to a PULL sink). Median of 3 runs each,
+             interleaved; each run is a fresh process.
+  overflow   frames per second delivered (acknowledged) while the trainer logs faster
+             than the sidecar takes them and the buffer overflows, vs the same pair
+             with a buffer large enough not to overflow. Also: dropped == what did
+             not fit (logged - delivered) and the sidecar's count of client drops.
+  memory     trainer memory per buffered frame (tracemalloc; no sidecar; every frame
+             kept), vs the packed frame's length.
+  close      close() with a healthy sidecar (median of several), vs wandb offline
+             run.finish() (median of several).
+
+Writes bench-out/client_speed.json (rows: see bench/_common.py). The machine's
+other load shows in the references: read ratios, not absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import (  # noqa: E402
+    metrics,
+    sidecar_status,
+    start_sidecar,
+    stop_sidecar,
+    wait_until,
+    write_report,
+)
+
+FAST_STOP = ("--drain-timeout", "2")  # the bench's spool is thrown away: do not wait for the uploads at the end
+DICTS = [metrics(i) for i in range(1000)]  # values vary per step; built outside the timed region
+
+
+def _lat_summary(ns: list[int]) -> dict:
+    ns = sorted(ns)
+    return {
+        "calls": len(ns),
+        "median_us": statistics.median(ns) / 1000,
+        "p99_us": ns[int(len(ns) * 0.99) - 1] / 1000,
+        "p9999_us": ns[int(len(ns) * 0.9999) - 1] / 1000,
+        "max_us": ns[-1] / 1000,
+        "over_1ms": sum(1 for x in ns if x > 1_000_000),
+    }
+
+
+def _timed(call, calls: int, warmup: int = 2000) -> list[int]:
+    for i in range(warmup):
+        call(DICTS[i % 1000], i)
+    out = [0] * calls
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        d = DICTS[i % 1000]
+        t0 = clock()
+        call(d, warmup + i)
+        out[i] = clock() - t0
+    return out
+
+
+def _client(address: str, name: str, buffer_size: int):
+    from client import MetricsClient
+
+    mc = MetricsClient(address=address, name=name, buffer_size=buffer_size)
+    mc.log({"warmup": 1.0}, step=0)
+    assert mc.flush(60), "sidecar did not answer"
+    return mc
+
+
+# ------------------------------------------------------------------ children (one process each)
+
+
+def _watch_bursts() -> list[int]:
+    """The sender's bursts (drain, bound, send: the GIL held between two waits), in
+    thread CPU time: what the train loop can wait for, without the machine's other load."""
+    from client.transport import Transport
+
+    bursts: list[int] = []
+    drain, send = Transport._drain_outbox, Transport._send
+    began = [0]
+
+    def timed_drain(self, *a):
+        began[0] = time.thread_time_ns()
+        return drain(self, *a)
+
+    def timed_send(self, *a):
+        try:
+            return send(self, *a)
+        finally:
+            bursts.append(time.thread_time_ns() - began[0])
+
+    Transport._drain_outbox, Transport._send = timed_drain, timed_send
+    return bursts
+
+
+def child_log_max(work: Path, calls: int) -> dict:
+    address = f"ipc://{work}/s.sock"
+    sc = start_sidecar(work, address, *FAST_STOP)
+    bursts = _watch_bursts()
+    try:
+        mc = _client(address, "log-max", max(calls + 10_000, 100_000))
+        del bursts[:]
+        lat = _timed(mc.log, calls)
+        timed_bursts = sorted(bursts)
+        ok = mc.close(timeout=120)
+        return _lat_summary(lat) | {
+            "closed": ok,
+            "dropped": mc.stats().dropped,
+            "sender_bursts": len(timed_bursts),
+            "sender_burst_cpu_max_us": timed_bursts[-1] / 1000 if timed_bursts else 0.0,
+            "sender_burst_cpu_p999_us": timed_bursts[int(len(timed_bursts) * 0.999)] / 1000 if timed_bursts else 0.0,
+        }
+    finally:
+        stop_sidecar(sc)
+
+
+def child_raw_max(work: Path, calls: int) -> dict:
+    import zmq
+
+    from client import protocol
+
+    address = f"ipc://{work}/sink.sock"
+    sink = subprocess.Popen([sys.executable, __file__, "--sink", address])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 1_000_000)
+    sock.connect(address)
+    time.sleep(0.5)
+    session, seq = "benchbenchbench0", 0
+
+    def call(d: dict, step: int) -> None:
+        nonlocal seq
+        seq += 1
+        try:
+            sock.send(protocol.encode_metrics(session, seq, step, "train", time.time(), d), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    try:
+        return _lat_summary(_timed(call, calls))
+    finally:
+        sock.close()
+        ctx.term()
+        sink.kill()
+        sink.wait()
+
+
+def run_sink(address: str) -> None:
+    import zmq
+
+    sock = zmq.Context().socket(zmq.PULL)
+    sock.bind(address)
+    while True:
+        sock.recv()
+
+
+def child_overflow(work: Path, frames: int, buffer_size: int, pace: int) -> dict:
+    """Log ``frames`` frames, ``pace`` calls at a time with a 1 ms breath between (a
+    trainer, not a tight loop), then wait until every frame is acknowledged or dropped."""
+    address = f"ipc://{work}/s.sock"
+    sc = start_sidecar(work, address, *FAST_STOP)
+    try:
+        mc = _client(address, "overflow", buffer_size)
+        before = mc.stats()
+        t0 = time.perf_counter()
+        for i in range(frames):
+            mc.log(DICTS[i % 1000], step=i + 1)
+            if i % pace == pace - 1:
+                time.sleep(0.001)
+        logged_s = time.perf_counter() - t0
+        assert mc.flush(300), "not all delivered"
+        elapsed = time.perf_counter() - t0
+        s = mc.stats()
+        delivered = s.acked - before.acked
+        ok = mc.close(timeout=60)
+        run = wait_until(lambda: ((sidecar_status(work, address) or {}).get("runs") or [None])[0], 30)
+        return {
+            "frames": frames,
+            "buffer": buffer_size,
+            "log_rate": frames / logged_s,
+            "delivered": delivered,
+            "dropped": s.dropped,
+            "rate": delivered / elapsed,
+            "elapsed_s": elapsed,
+            "closed": ok,
+            "sidecar_client_dropped": (run or {}).get("client_dropped"),
+            "sidecar_received": (run or {}).get("received"),
+        }
+    finally:
+        stop_sidecar(sc)
+
+
+def child_memory(work: Path, frames: int) -> dict:
+    import tracemalloc
+
+    from client import MetricsClient, protocol
+
+    tracemalloc.start()
+    mc = MetricsClient(address=f"ipc://{work}/nobody.sock", buffer_size=frames)
+    t = mc._transport
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(frames):
+        mc.log(DICTS[i % 1000], step=i + 1)
+    assert wait_until(lambda: not mc._outbox and t.buffered == frames, 60), "the sender did not take the frames"
+    time.sleep(0.2)
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    packed = sum(
+        len(protocol.encode_metrics(mc._session, i + 1, i + 1, "train", time.time(), DICTS[i % 1000]))
+        for i in range(frames)
+    )
+    mc.close(timeout=0)
+    return {"frames": frames, "bytes_per_frame": used / frames, "packed_per_frame": packed / frames}
+
+
+def child_close(work: Path, trials: int) -> dict:
+    address = f"ipc://{work}/s.sock"
+    sc = start_sidecar(work, address, *FAST_STOP)
+    times = []
+    try:
+        for k in range(trials):
+            mc = _client(address, f"close-{k}", 100_000)
+            for i in range(100):
+                mc.log(DICTS[i], step=i + 1)
+            assert mc.flush(60)
+            time.sleep(0.3)  # the sender idle, in its longest wait
+            t0 = time.perf_counter()
+            ok = mc.close(timeout=60)
+            times.append((time.perf_counter() - t0) * 1000)
+            assert ok
+            time.sleep(0.5)  # let the run's uploader settle
+        return {"close_ms": times, "median_ms": statistics.median(times)}
+    finally:
+        stop_sidecar(sc)
+
+
+def child_wandb_finish(work: Path, trials: int) -> dict:
+    import os
+
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(work), WANDB_SILENT="true")
+    import wandb
+
+    times = []
+    for k in range(trials):
+        run = wandb.init(project="bench", name=f"finish-{k}", settings=wandb.Settings(console="off"))
+        for i in range(100):
+            run.log(DICTS[i], step=i + 1)
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        run.finish()
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"finish_ms": times, "median_ms": statistics.median(times)}
+
+
+CHILDREN = {
+    "log-max": lambda w, a: child_log_max(w, a.calls),
+    "raw-max": lambda w, a: child_raw_max(w, a.calls),
+    "overflow": lambda w, a: child_overflow(w, a.frames, a.buffer, a.pace),
+    "memory": lambda w, a: child_memory(w, a.calls),
+    "close": lambda w, a: child_close(w, a.trials),
+    "wandb-finish": lambda w, a: child_wandb_finish(w, a.trials),
+}
+
+
+def child(a: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="kfs-cs-", dir="/tmp"))  # ipc paths: 107 bytes at most
+    try:
+        print(json.dumps(CHILDREN[a.child](work, a)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ driver
+
+
+def run_child(name: str, *args: str, timeout: float = 600) -> dict:
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", name, *args], capture_output=True, text=True, timeout=timeout
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def row(what, value, unit, ref_what, ref, ratio, goal, met, detail) -> dict:
+    return {
+        "what": what, "value": value, "unit": unit, "reference_what": ref_what, "reference": ref,
+        "ratio": ratio, "goal": goal, "met": bool(met), "detail": detail,
+    }  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: fewer calls, one repetition")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--child", choices=CHILDREN)
+    p.add_argument("--sink")
+    p.add_argument("--calls", type=int, default=100_000)
+    p.add_argument("--frames", type=int, default=200_000)
+    p.add_argument("--buffer", type=int, default=100_000)
+    p.add_argument("--pace", type=int, default=200)
+    p.add_argument("--trials", type=int, default=7)
+    a = p.parse_args()
+    if a.sink:
+        run_sink(a.sink)
+        return 0
+    if a.child:
+        child(a)
+        return 0
+
+    reps = 1 if a.quick else 3
+    calls = 10_000 if a.quick else a.calls
+    frames = 20_000 if a.quick else a.frames
+    trials = 2 if a.quick else a.trials
+    rows = []
+
+    def say(what: str) -> None:
+        print(what, file=sys.stderr, flush=True)
+
+    # 1. log() worst case vs raw ZeroMQ
+    say(f"log-max: {reps} x {calls} calls each, client and raw interleaved ...")
+    ours, raw = [], []
+    for _ in range(reps):
+        raw.append(run_child("raw-max", "--calls", str(calls)))
+        ours.append(run_child("log-max", "--calls", str(calls)))
+    v = statistics.median(r["max_us"] for r in ours)
+    ref = statistics.median(r["max_us"] for r in raw)
+    rows.append(
+        row(
+            f"log() max over {calls} calls, healthy sidecar",
+            v,
+            "us",
+            "raw ZeroMQ encode+send max, same frames",
+            ref,
+            v / ref,
+            "<= 1000 us",
+            v <= 1000,
+            {
+                "client_runs": ours,
+                "raw_runs": raw,
+                "note": "median of the runs' max; ratio = value/reference; sender_burst_cpu_*: the sender's "
+                "bursts (drain to send) in thread CPU time, free of the machine's other load",
+            },
+        )  # fmt: skip
+    )
+
+    # 2. delivery while the buffer overflows vs without overflow
+    small = max(frames // 10, 1000)
+    say(f"overflow: {frames} frames, buffer {frames} (reference) and {small} (overflowing) ...")
+    refs, over = [], []
+    for _ in range(reps):
+        refs.append(run_child("overflow", "--frames", str(frames), "--buffer", str(frames + 10), "--pace", str(a.pace)))
+        over.append(run_child("overflow", "--frames", str(frames), "--buffer", str(small), "--pace", str(a.pace)))
+    v = statistics.median(r["rate"] for r in over)
+    ref = statistics.median(r["rate"] for r in refs)
+    last = over[-1]
+    exact = all(
+        r["dropped"] + r["delivered"] == r["frames"] and r["sidecar_client_dropped"] == r["dropped"] for r in over
+    )
+    rows.append(
+        row(
+            "delivery rate, buffer overflowing",
+            v,
+            "frames/s",
+            "delivery rate, same client/sidecar, no overflow",
+            ref,
+            v / ref,
+            ">= 0.8",
+            v / ref >= 0.8 and exact,
+            {
+                "overflow_runs": over,
+                "reference_runs": refs,
+                "dropped": last["dropped"],
+                "expected_dropped": last["frames"] - last["delivered"],
+                "drops_exact": exact,
+                "note": "met also needs dropped == logged - delivered == the sidecar's client_dropped in every run",
+            },
+        )  # fmt: skip
+    )
+
+    # 3. memory per buffered frame
+    say(f"memory: {calls} frames buffered, no sidecar ...")
+    m = run_child("memory", "--calls", str(calls))
+    ratio = m["bytes_per_frame"] / m["packed_per_frame"]
+    rows.append(
+        row(
+            "trainer memory per buffered frame (no sidecar)",
+            m["bytes_per_frame"],
+            "B",
+            "packed frame length",
+            m["packed_per_frame"],
+            ratio,
+            "<= 1.5",
+            ratio <= 1.5,
+            m,
+        )  # fmt: skip
+    )
+
+    # 4. close() vs wandb offline finish()
+    say(f"close: {trials} closes, {trials} wandb offline finishes ...")
+    c = run_child("close", "--trials", str(trials))
+    w = run_child("wandb-finish", "--trials", str(trials))
+    rows.append(
+        row(
+            "close() with a healthy sidecar (median)",
+            c["median_ms"],
+            "ms",
+            "wandb offline run.finish() (median)",
+            w["median_ms"],
+            c["median_ms"] / w["median_ms"],
+            "<= 10 ms",
+            c["median_ms"] <= 10,
+            {"close": c, "wandb_finish": w},
+        )  # fmt: skip
+    )
+    write_report("client_speed", rows, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
