@@ -74,31 +74,35 @@ class Ledger:
         self.runs: dict[str, RunState] = {}
         self.sessions: dict[str, Session] = {}
         self.disk_error: str | None = None  # the last spool write that failed, until a commit succeeds
+        self.unsynced = False  # something was appended since the last commit
+        self.rolled_back: set[str] = set()  # runs rolled back since the last commit: owed nothing by it
 
-    def apply(self, run: RunState, msg: protocol.Record) -> None:
+    def apply(self, run: RunState, msg: protocol.Record, sess: Session | None = None) -> None:
         """Account for a record that is in the run's log (on recovery, or just appended):
-        the run's fold (record.py), and the seq of the session that sent it."""
+        the run's fold (record.py), and the seq of the session that sent it (``sess``, if
+        the caller has it at hand)."""
         if isinstance(msg, Hello):
             if msg.session not in self.sessions:
                 sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
                 sess.local = msg.host == self.host and pid_alive(msg.pid)
         else:
-            sess = self.sessions.get(msg.session) or self.sessions.setdefault(
-                msg.session, Session(msg.session, run.meta.run_id)
-            )
+            if sess is None:
+                sess = self.sessions.get(msg.session) or self.sessions.setdefault(
+                    msg.session, Session(msg.session, run.meta.run_id)
+                )
             sess.seq = msg.seq
         run.apply(msg)
 
-    def append(self, run: RunState, msg: protocol.Record, raw: bytes | None = None) -> bool:
+    def append(
+        self, run: RunState, msg: protocol.Record, raw: bytes | None = None, sess: Session | None = None
+    ) -> bool:
         """Append a record (``raw``, else ``msg`` encoded) to the run's log and apply it;
-        durable at the next commit. False if the spool refused the write."""
-        try:
-            run.spool.log.append(protocol.encode(msg) if raw is None else raw)
-        except OSError as exc:
-            self.disk_failed(run.meta.run_id, exc)
-            return False
-        self.apply(run, msg)
+        written and made durable by the next commit (commit.py), which rolls the run back
+        if that fails. True: the record is the spool's now."""
+        run.spool.log.append(protocol.encode(msg) if raw is None else raw)
+        self.apply(run, msg, sess)
         run.dirty = True
+        self.unsynced = True
         return True
 
     def disk_failed(self, run_id: str, exc: OSError) -> None:

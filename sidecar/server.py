@@ -174,6 +174,8 @@ class Server:
         poller.register(sock, zmq.POLLIN)
         last_commit = 0.0
         last_tick = 0.0
+        recv, handle, monotonic = sock.recv_multipart, self.receiver.handle, time.monotonic
+        interval = self.cfg.receiver.commit_interval
         while not self.stopping:
             now = time.monotonic()
             timeout = SUPERVISE_EVERY
@@ -181,18 +183,22 @@ class Server:
                 timeout = max(0.0, last_commit + self.cfg.receiver.commit_interval - now)
             self._handle_signals()
             if poller.poll(timeout * 1000):
-                self._last_activity = time.monotonic()
-                for _ in range(10_000):  # bounded, so commits and ticks still happen under load
+                self._last_activity = started = time.monotonic()
+                # Bounded by count and by time (a part may be a batch of many frames), so commits
+                # and ticks still happen under load, and what waits for a commit stays small.
+                for _ in range(10_000):
                     try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK)
+                        parts = recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     try:
-                        request = self.receiver.handle(parts)
+                        request = handle(parts)
                         if request is not None:
                             self.receiver.reply(parts[0], self.control(request.t))
                     except Exception as exc:  # one message's bug must not stop every trainer's frames
                         self.receiver.internal_error(exc, parts)
+                    if monotonic() - started >= interval:
+                        break
             now = time.monotonic()
             if self.receiver.dirty and now - last_commit >= self.cfg.receiver.commit_interval:
                 self.receiver.commit(sock)
