@@ -482,12 +482,12 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = Fa
 def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool: bool = False) -> Request | Refused:
     """``decode_request`` for a frame already unpacked (``size``: its length in bytes),
     as a batch's frames are: every check but msgpack's own is made here."""
-    obj = _versioned(obj)
-    t = obj.get("t")
-    if t == "metrics":
-        if size > limits.max_frame_bytes:
+    if type(obj) is dict and obj.get("t") == "metrics" and type(obj.get("v")) is int and obj["v"] == PROTOCOL_VERSION:
+        if size > limits.max_frame_bytes:  # the hot path: _versioned's checks, passed
             raise ProtocolError("oversize", f"{size} bytes, limit {limits.max_frame_bytes}")
         return _metrics(obj, limits)
+    obj = _versioned(obj)
+    t = obj.get("t")
     limit = _frame_limit(t, limits)
     if size > limit:
         raise ProtocolError("oversize", f"{size} bytes, limit {limit}")
@@ -527,8 +527,9 @@ _new_metrics = functools.partial(object.__new__, Metrics)
 
 
 def _metrics(obj: dict, limits: Limits) -> Metrics:
-    """The hot path (most frames are metrics): the same checks, in the same order, as
-    the other types get from _field and _int, inlined."""
+    """The hot path (most frames are metrics): the checks _session, _seq, _int and
+    check_values make, in the same order, inlined; where one fails, that function is
+    called to raise its error."""
     get = obj.get
     kind = get("kind")
     if kind not in KINDS:
@@ -538,12 +539,28 @@ def _metrics(obj: dict, limits: Limits) -> Metrics:
         when = float(_field(obj, "time", (float, int)))
     if not math.isfinite(when):
         raise ProtocolError("bad_field", "'time' must be finite")
-    session = _session(obj)
-    seq = _seq(obj)
+    session = get("session")
+    if type(session) is not str or session not in _SESSIONS_OK:
+        session = _session(obj)
+    seq = get("seq")
+    if type(seq) is not int or not 1 <= seq <= INT64_MAX:
+        seq = _seq(obj)
     step = get("step")
     if step is not None and (type(step) is not int or not 0 <= step <= INT64_MAX):
-        _int(obj, "step", 0, INT64_MAX, optional=True)  # raises, with the reason
-    values = check_values(get("values"), limits)
+        _int(obj, "step", 0, INT64_MAX, optional=True)
+    values = get("values")
+    # check_values at C speed: the whole map at once; check_values itself names what is wrong
+    if (
+        type(values) is not dict
+        or len(values) > limits.max_scalars
+        or values
+        and not (
+            _SCALAR_TYPES.issuperset(map(type, values.values()))
+            and all(values)
+            and max(map(len, values)) <= limits.max_key_len
+        )
+    ):
+        values = check_values(values, limits)
     commit = get("commit")
     if commit is not None and type(commit) is not bool:
         raise ProtocolError("bad_field", "'commit' must be bool")
@@ -551,15 +568,8 @@ def _metrics(obj: dict, limits: Limits) -> Metrics:
     # its __dict__ at once makes the same object for a fraction of the cost.
     msg = _new_metrics()
     msg.__dict__.update(
-        session=session,
-        seq=seq,
-        step=step,
-        kind=kind,
-        time=when,
-        values=values,
-        commit=commit is not False,
-        t="metrics",
-    )
+        session=session, seq=seq, step=step, kind=kind, time=when, values=values, commit=commit is not False, t="metrics"
+    )  # fmt: skip
     return msg
 
 

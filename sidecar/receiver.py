@@ -296,7 +296,8 @@ class Receiver:
             self.outbox.send(identity, protocol.Nack(sess.session, sess.seq))
 
     def _frame(self, identity: bytes, msg: Metrics | ConfigUpdate | SummaryUpdate | Close, raw: bytes) -> None:
-        sess = self.sessions.get(msg.session)
+        ledger = self.ledger
+        sess = ledger.sessions.get(msg.session)
         if sess is None:
             # e.g. the hello was lost with a dead connection: the client says hello again.
             self.outbox.send(
@@ -314,7 +315,7 @@ class Receiver:
         if seq > sess.seq + 1:  # frames in between were lost on the way
             self._nack(identity, sess)
             return
-        self.ledger.append(self.runs[sess.run_id], msg, raw, sess)
+        ledger.append(ledger.runs[sess.run_id], msg, raw, sess)
         self.outbox.acks[sess.session] = sess  # Outbox.ack, inlined: once per frame
 
     # ---------------------------------------------------------------- dead trainers

@@ -77,19 +77,17 @@ class Ledger:
         self.unsynced = False  # something was appended since the last commit
         self.rolled_back: set[str] = set()  # runs rolled back since the last commit: owed nothing by it
 
-    def apply(self, run: RunState, msg: protocol.Record, sess: Session | None = None) -> None:
+    def apply(self, run: RunState, msg: protocol.Record) -> None:
         """Account for a record that is in the run's log (on recovery, or just appended):
-        the run's fold (record.py), and the seq of the session that sent it (``sess``, if
-        the caller has it at hand)."""
+        the run's fold (record.py), and the seq of the session that sent it."""
         if isinstance(msg, Hello):
             if msg.session not in self.sessions:
                 sess = self.sessions[msg.session] = Session(msg.session, run.meta.run_id, pid=msg.pid, host=msg.host)
                 sess.local = msg.host == self.host and pid_alive(msg.pid)
         else:
-            if sess is None:
-                sess = self.sessions.get(msg.session) or self.sessions.setdefault(
-                    msg.session, Session(msg.session, run.meta.run_id)
-                )
+            sess = self.sessions.get(msg.session) or self.sessions.setdefault(
+                msg.session, Session(msg.session, run.meta.run_id)
+            )
             sess.seq = msg.seq
         run.apply(msg)
 
@@ -100,7 +98,11 @@ class Ledger:
         written and made durable by the next commit (commit.py), which rolls the run back
         if that fails. True: the record is the spool's now."""
         run.spool.log.append(protocol.encode(msg) if raw is None else raw)
-        self.apply(run, msg, sess)
+        if sess is None:
+            self.apply(run, msg)
+        else:  # a client's seq'd frame, its session at hand: apply, less the lookups
+            sess.seq = msg.seq
+            run.apply(msg)
         run.dirty = True
         self.unsynced = True
         return True

@@ -41,6 +41,7 @@ log = logging.getLogger("kforge_sidecar")
 SUPERVISE_EVERY = 0.2  # seconds between supervisor ticks
 MEASURE_EVERY = 2.0  # seconds between measurements of the spool's size and free space
 OVER_CAP_LOG_EVERY = 600.0  # seconds between warnings that the spool is over its cap
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class StartupError(RuntimeError):
@@ -174,7 +175,7 @@ class Server:
         poller.register(sock, zmq.POLLIN)
         last_commit = 0.0
         last_tick = 0.0
-        recv, handle, monotonic = sock.recv_multipart, self.receiver.handle, time.monotonic
+        recv, handle, monotonic = sock.recv, self.receiver.handle, time.monotonic
         interval = self.cfg.receiver.commit_interval
         while not self.stopping:
             now = time.monotonic()
@@ -188,7 +189,7 @@ class Server:
                 # and ticks still happen under load, and what waits for a commit stays small.
                 for _ in range(10_000):
                     try:
-                        parts = recv(zmq.NOBLOCK)
+                        parts = _recv_multipart(recv)
                     except zmq.Again:
                         break
                     try:
@@ -405,6 +406,17 @@ def _version() -> str:
         return version("kforge-sidecar")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _recv_multipart(recv: Any) -> list[bytes]:
+    """``Socket.recv_multipart(NOBLOCK)`` for the receive loop: each frame's ``more`` flag
+    instead of a getsockopt(RCVMORE) per part (pyzmq's way, twice the cost per message)."""
+    frame = recv(_NOBLOCK, copy=False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = recv(_NOBLOCK, copy=False)
+        parts.append(frame.bytes)
+    return parts
 
 
 def _lock_file(path: Path, busy: str) -> int:
