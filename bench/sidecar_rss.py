@@ -38,7 +38,7 @@ KEYS = 14
 # The sidecar under tracemalloc: its top allocation sites go to a file when it exits.
 TRACED = """
 import atexit, sys, tracemalloc
-tracemalloc.start(10)
+tracemalloc.start(1)
 def dump(path=sys.argv.pop(1)):
     snap = tracemalloc.take_snapshot()
     cur, peak = tracemalloc.get_traced_memory()
@@ -46,7 +46,7 @@ def dump(path=sys.argv.pop(1)):
         f.write(f"traced now {cur / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB\\n")
         for stat in snap.statistics("traceback")[:15]:
             f.write(f"{stat.size / 2**20:.2f} MiB in {stat.count} blocks\\n")
-            f.write("\\n".join("    " + line for line in stat.traceback.format()[-6:]) + "\\n")
+            f.write("\\n".join("    " + line for line in stat.traceback.format()) + "\\n")
 atexit.register(dump)
 from sidecar.cli import main
 sys.argv[0] = "kforge-sidecar"
@@ -241,7 +241,8 @@ def scenario_many(trainers: int, rate: float, seconds: float, traced: Path | Non
         for p in procs:
             stop(p)
         stop(server, group=True)
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("KFORGE_BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def scenario_backlog(frames: int, traced: Path | None) -> dict:
@@ -281,7 +282,8 @@ def scenario_backlog(frames: int, traced: Path | None) -> dict:
         stop(tr)
         if server is not None:
             stop(server, group=True)
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("KFORGE_BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:

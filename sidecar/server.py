@@ -42,6 +42,11 @@ SUPERVISE_EVERY = 0.2  # seconds between supervisor ticks
 MEASURE_EVERY = 2.0  # seconds between measurements of the spool's size and free space
 OVER_CAP_LOG_EVERY = 600.0  # seconds between warnings that the spool is over its cap
 _NOBLOCK = int(zmq.NOBLOCK)
+# Messages ZeroMQ queues per client before it stops reading that client's socket: a
+# backlog waits in the client (which holds every frame until acked anyway), not here.
+# With 100k, sixteen clients resending their windows to a busy sidecar queued hundreds
+# of MiB in it. A few commit intervals of traffic is all the loop needs to stay busy.
+RCVHWM = 1000
 
 
 class StartupError(RuntimeError):
@@ -96,7 +101,7 @@ class Server:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises instead of vanishing
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)  # a memory guard; real limits are counted
         try:
             sock.bind(self.cfg.address)
