@@ -166,7 +166,8 @@ class Receiver:
             frame = raw[start:end]
             start = end
             if index == 0 and not (type(obj) is dict and obj.get("t") in SEQ_TYPES):
-                self._reject(identity, exc, raw)  # not a batch (a frame alone too large, or garbage)
+                if not self._refuse(identity, exc, raw):  # no batch: a frame alone, too large
+                    self._reject(identity, exc, raw)
                 return
             index += 1
             try:
