@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import re
 import secrets
@@ -265,15 +266,37 @@ def encode_metrics(
 
 # --------------------------------------------------------------------- decoding
 
+_unpackb = msgpack.unpackb
+_SCALAR_TYPES = frozenset((int, float, bool))
+# Session ids that matched SESSION_RE: a set lookup instead of a regex per frame.
+# Bounded: a flood of fresh ids only empties it.
+_SESSIONS_OK: set[str] = set()
+_SESSIONS_OK_MAX = 4096
+
+
+class Trailing(ProtocolError):
+    """A part holding more than one msgpack object (``malformed`` to ``decode_request``):
+    a batch, if its first object is a seq'd frame (the receiver looks, with ``first``)."""
+
+    def __init__(self, first: Any):
+        super().__init__("malformed", "not msgpack (ExtraData)")
+        self.first = first
+
 
 def _unpack(raw: bytes, limit: int) -> dict:
     if len(raw) > limit:
         raise ProtocolError("oversize", f"{len(raw)} bytes, limit {limit}")
     try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        obj = _unpackb(raw, raw=False, strict_map_key=True)
+    except msgpack.ExtraData as exc:
+        raise Trailing(exc.unpacked) from None
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError("malformed", f"not msgpack ({type(exc).__name__})") from None
-    if not isinstance(obj, dict):
+    return obj
+
+
+def _versioned(obj: Any) -> dict:
+    if type(obj) is not dict:
         raise ProtocolError("malformed", f"frame is a {type(obj).__name__}, not a map")
     v = obj.get("v")
     if type(v) is not int:
@@ -309,14 +332,23 @@ def _text(obj: dict, name: str, limits: Limits, optional: bool = False) -> str |
 
 
 def _session(obj: dict) -> str:
+    session = obj.get("session")
+    if type(session) is str and session in _SESSIONS_OK:
+        return session
     session = _field(obj, "session", (str,))
     if not SESSION_RE.match(session):
         raise ProtocolError("bad_field", "malformed session id")
+    if len(_SESSIONS_OK) >= _SESSIONS_OK_MAX:
+        _SESSIONS_OK.clear()
+    _SESSIONS_OK.add(session)
     return session
 
 
 def _seq(obj: dict, name: str = "seq") -> int:
-    return _int(obj, name, 1, INT64_MAX)  # type: ignore[return-value]
+    value = obj.get(name)
+    if type(value) is int and 1 <= value <= INT64_MAX:
+        return value
+    return _int(obj, name, 1, INT64_MAX)  # type: ignore[return-value]  # raises, with the reason
 
 
 def check_values(values: Any, limits: Limits) -> dict[str, Scalar]:
@@ -324,10 +356,17 @@ def check_values(values: Any, limits: Limits) -> dict[str, Scalar]:
         raise ProtocolError("bad_value", "'values' must be a map")
     if len(values) > limits.max_scalars:
         raise ProtocolError("too_many", f"{len(values)} scalars, limit {limits.max_scalars}")
+    # The whole map at C speed; the loop below only runs to name what is wrong.
+    if not values or (
+        _SCALAR_TYPES.issuperset(map(type, values.values()))
+        and all(values)
+        and max(map(len, values)) <= limits.max_key_len
+    ):
+        return values
     for key, value in values.items():
         if not key or len(key) > limits.max_key_len:
             raise ProtocolError("bad_value", f"key of length {len(key)} (1..{limits.max_key_len})")
-        if type(value) not in (int, float, bool):
+        if type(value) not in _SCALAR_TYPES:
             raise ProtocolError("bad_value", f"{key!r} is a {type(value).__name__}, not a scalar")
     return values
 
@@ -435,28 +474,23 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = Fa
     """Validate one incoming frame and return its message; raise ProtocolError otherwise.
 
     ``spool`` also admits the receiver's own ``refused`` records (reading frames.log).
+    A part holding more than one object raises ``Trailing`` (a batch, to the receiver).
     """
-    obj = _unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes))
+    return decode_unpacked(_unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes)), len(raw), limits, spool)
+
+
+def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool: bool = False) -> Request | Refused:
+    """``decode_request`` for a frame already unpacked (``size``: its length in bytes),
+    as a batch's frames are: every check but msgpack's own is made here."""
+    if type(obj) is dict and obj.get("t") == "metrics" and type(obj.get("v")) is int and obj["v"] == PROTOCOL_VERSION:
+        if size > limits.max_frame_bytes:  # the hot path: _versioned's checks, passed
+            raise ProtocolError("oversize", f"{size} bytes, limit {limits.max_frame_bytes}")
+        return _metrics(obj, limits)
+    obj = _versioned(obj)
     t = obj.get("t")
     limit = _frame_limit(t, limits)
-    if len(raw) > limit:
-        raise ProtocolError("oversize", f"{len(raw)} bytes, limit {limit}")
-    if t == "metrics":
-        kind = obj.get("kind")
-        if kind not in KINDS:
-            raise ProtocolError("bad_field", f"'kind' must be one of {KINDS}")
-        when = _field(obj, "time", (float, int))
-        if not math.isfinite(when):
-            raise ProtocolError("bad_field", "'time' must be finite")
-        return Metrics(
-            session=_session(obj),
-            seq=_seq(obj),
-            step=_int(obj, "step", 0, INT64_MAX, optional=True),
-            kind=kind,
-            time=float(when),
-            values=check_values(obj.get("values"), limits),
-            commit=_field(obj, "commit", (bool,), optional=True) is not False,
-        )
+    if size > limit:
+        raise ProtocolError("oversize", f"{size} bytes, limit {limit}")
     if t == "hello":
         run_id = _field(obj, "run_id", (str,), optional=True)
         if run_id is not None and not RUN_ID_RE.match(run_id):
@@ -489,6 +523,56 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = Fa
     raise ProtocolError("unknown_type", f"message type {t!r}")
 
 
+_new_metrics = functools.partial(object.__new__, Metrics)
+
+
+def _metrics(obj: dict, limits: Limits) -> Metrics:
+    """The hot path (most frames are metrics): the checks _session, _seq, _int and
+    check_values make, in the same order, inlined; where one fails, that function is
+    called to raise its error."""
+    get = obj.get
+    kind = get("kind")
+    if kind not in KINDS:
+        raise ProtocolError("bad_field", f"'kind' must be one of {KINDS}")
+    when = get("time")
+    if type(when) is not float:
+        when = float(_field(obj, "time", (float, int)))
+    if not math.isfinite(when):
+        raise ProtocolError("bad_field", "'time' must be finite")
+    session = get("session")
+    if type(session) is not str or session not in _SESSIONS_OK:
+        session = _session(obj)
+    seq = get("seq")
+    if type(seq) is not int or not 1 <= seq <= INT64_MAX:
+        seq = _seq(obj)
+    step = get("step")
+    if step is not None and (type(step) is not int or not 0 <= step <= INT64_MAX):
+        _int(obj, "step", 0, INT64_MAX, optional=True)
+    values = get("values")
+    # check_values at C speed: the whole map at once; check_values itself names what is wrong
+    if (
+        type(values) is not dict
+        or len(values) > limits.max_scalars
+        or values
+        and not (
+            _SCALAR_TYPES.issuperset(map(type, values.values()))
+            and all(values)
+            and max(map(len, values)) <= limits.max_key_len
+        )
+    ):
+        values = check_values(values, limits)
+    commit = get("commit")
+    if commit is not None and type(commit) is not bool:
+        raise ProtocolError("bad_field", "'commit' must be bool")
+    # A frozen dataclass's __init__ sets each field through object.__setattr__; filling
+    # its __dict__ at once makes the same object for a fraction of the cost.
+    msg = _new_metrics()
+    msg.__dict__.update(
+        session=session, seq=seq, step=step, kind=kind, time=when, values=values, commit=commit is not False, t="metrics"
+    )  # fmt: skip
+    return msg
+
+
 def peek_seq(raw: bytes) -> tuple[str, int] | None:
     """(session, seq) of a frame that failed validation, if those two fields are sound:
     the receiver can then refuse exactly that frame and let the stream go on."""
@@ -503,7 +587,7 @@ def peek_seq(raw: bytes) -> tuple[str, int] | None:
 
 def decode_response(raw: bytes) -> Response:
     """Decode a sidecar reply on the client side. Raises ProtocolError."""
-    obj = _unpack(raw, 16 * 1024 * 1024)
+    obj = _versioned(_unpack(raw, 16 * 1024 * 1024))
     t = obj.get("t")
     if t == "ack":
         return Ack(session=_session(obj), seq=_field(obj, "seq", (int,)))

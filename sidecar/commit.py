@@ -20,13 +20,13 @@ log = logging.getLogger("kforge_sidecar.receiver")
 
 
 def commit(ledger: Ledger, outbox: Outbox, sock: zmq.Socket) -> None:
-    """Make appended frames durable, then send the replies that waited on it."""
-    failed: set[str] = set()
+    """Write and make durable what was appended, then send the replies that waited on it."""
+    failed, ledger.rolled_back = ledger.rolled_back, set()  # rolled back since the last commit
     for run in ledger.runs.values():
         if not run.dirty:
             continue
         try:
-            run.spool.log.sync()
+            run.spool.log.sync()  # one write of every record appended since the last commit, one fdatasync
         except OSError as exc:
             rollback(ledger, run, exc)
             failed.add(run.meta.run_id)
@@ -36,19 +36,32 @@ def commit(ledger: Ledger, outbox: Outbox, sock: zmq.Socket) -> None:
         if ledger.disk_error:
             log.info("spool writable again")
             ledger.disk_error = None
+    ledger.unsynced = False
+    ledger.rolled_back.clear()
     outbox.flush(sock, failed)
 
 
 def rollback(ledger: Ledger, run: RunState, exc: OSError) -> None:
-    """An fsync failed: what was appended since the last commit may not be on disk.
-    Cut it and forget it; the clients still hold those frames and resend them."""
+    """A write or fsync failed: what was appended since the last commit may not be on disk.
+    Cut it and forget it; the clients still hold those frames and resend them. A session
+    whose hello was cut with it is forgotten too: it says hello again (and is written again).
+    The run's sessions get no ack from the next commit (``Ledger.rolled_back``)."""
     ledger.disk_failed(run.meta.run_id, exc)
     assert run.snapshot is not None  # taken when the run was created or recovered
+    run.spool.log.discard()
     run.restore(run.snapshot.record)
     try:
         os.truncate(run.spool.log.path, run.snapshot.log_size)
     except OSError:
         pass
-    for s, seq in run.snapshot.seqs.items():
-        ledger.sessions[s].seq = ledger.sessions[s].durable = seq
+    seqs = run.snapshot.seqs
+    for s in run.sessions:
+        sess = ledger.sessions.get(s)
+        if sess is None or sess.run_id != run.meta.run_id:
+            continue
+        if s in seqs:
+            sess.seq = sess.durable = seqs[s]
+        else:
+            del ledger.sessions[s]
     run.dirty = False
+    ledger.rolled_back.add(run.meta.run_id)

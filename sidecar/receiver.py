@@ -24,9 +24,24 @@ import msgpack
 import zmq
 
 from client import protocol
-from client.protocol import Close, ConfigUpdate, Control, Hello, Metrics, Ping, ProtocolError, Refused, SummaryUpdate
+from client.protocol import (
+    SEQ_TYPES,
+    Close,
+    ConfigUpdate,
+    Control,
+    Hello,
+    Metrics,
+    Ping,
+    ProtocolError,
+    Refused,
+    Request,
+    SummaryUpdate,
+    Trailing,
+    decode_request,
+    decode_unpacked,
+)
 
-from .commit import commit
+from .commit import commit, rollback
 from .dead_trainers import DeadTrainers
 from .recovery import recover
 from .replies import Outbox
@@ -34,6 +49,7 @@ from .runstate import Ledger, RunState, Session
 from .spool import RunMeta, Spool
 
 log = logging.getLogger("kforge_sidecar.receiver")
+_monotonic = time.monotonic
 
 # One run holds one session per trainer process that attached to it (a resume is a
 # new one); past this many, a hello for the run is refused rather than grow memory.
@@ -46,11 +62,12 @@ class Receiver:
         self.limits = limits
         self.max_runs = max_runs
         self.ledger = Ledger()
-        self.outbox = Outbox()
+        self.outbox = Outbox(batch=limits.max_batch_bytes)
         self.dead_trainers = DeadTrainers(self.ledger)
         self.rejected: Counter[str] = Counter()
         self.duplicates = 0
         self._last_reject_log: dict[str, float] = {}
+        self._max_frame = max(limits.max_frame_bytes, limits.max_hello_bytes)  # one frame alone, of any type
 
     @property
     def runs(self) -> dict[str, RunState]:
@@ -73,34 +90,95 @@ class Receiver:
     # ---------------------------------------------------------------- frames
 
     def handle(self, parts: list[bytes]) -> Control | None:
-        """One message from the ROUTER socket: [identity, frame]. A control request is
-        not the receiver's: it is returned, for the server to answer with ``reply``."""
+        """One message from the ROUTER socket: [identity, part]. A part holds one frame, or
+        a batch of seq'd frames (``_batch``). A control request is not the receiver's: it
+        is returned, for the server to answer with ``reply``."""
         if len(parts) != 2:
             self._reject(parts[0], ProtocolError("malformed", f"{len(parts) - 1} frame parts, expected 1"))
             return None
         identity, raw = parts
         try:
-            msg = protocol.decode_request(raw, self.limits)
+            msg = decode_request(raw, self.limits)
+        except Trailing as exc:
+            self._batch(identity, raw, exc)
+            return None
         except ProtocolError as exc:
-            if not self._refuse(identity, exc, raw):
+            if len(raw) > self._max_frame and len(raw) <= self.limits.max_batch_bytes:
+                self._batch(identity, raw, exc)  # too large for one frame; a batch may be this large
+            elif not self._refuse(identity, exc, raw):
                 self._reject(identity, exc, raw)
             return None
+        if type(msg) is Metrics:
+            self._frame(identity, msg, raw)
+            return None
+        return self._other(identity, msg, raw)
+
+    def _other(self, identity: bytes, msg: Request, raw: bytes) -> Control | None:
+        """Any frame but the plain metrics frame."""
         if isinstance(msg, Control):
             return msg  # the server's to answer (``reply``)
-        sess = self.sessions.get(msg.session)
-        if sess is not None:
-            sess.last_seen = time.monotonic()
         if isinstance(msg, Ping):
-            if sess is None:  # e.g. this sidecar restarted with a fresh spool: the client says hello again
+            sess = self.sessions.get(msg.session)
+            if sess is not None:
+                sess.last_seen = time.monotonic()
+            else:  # e.g. this sidecar restarted with a fresh spool: the client says hello again
                 self.outbox.send(
                     identity,
                     protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION),
                 )
         elif isinstance(msg, Hello):
+            sess = self.sessions.get(msg.session)
+            if sess is not None:
+                sess.last_seen = time.monotonic()
             self._hello(identity, msg, raw)
         else:
-            self._frame(identity, msg, raw)
+            self._frame(identity, msg, raw)  # type: ignore[arg-type]
         return None
+
+    def _batch(self, identity: bytes, raw: bytes, exc: ProtocolError) -> None:
+        """A part holding several frames back to back (protocol.py): each is split off with
+        its own bytes (for the spool), then validated, stored and answered as if it had come
+        alone. A part that is no batch, or too large for one, is rejected once, as is what
+        is left of one once its bytes no longer split into frames."""
+        first = exc.first if isinstance(exc, Trailing) else None
+        if first is not None and not (type(first) is dict and first.get("t") in SEQ_TYPES):
+            self._reject(identity, exc, raw)  # not a batch: garbage after one object, or a hello with a tail
+            return
+        if len(raw) > self.limits.max_batch_bytes:
+            self._reject(
+                identity, ProtocolError("oversize", f"batch of {len(raw)} bytes, limit {self.limits.max_batch_bytes}")
+            )
+            return
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(raw))
+        unpacker.feed(raw)
+        limits = self.limits
+        start, index = 0, 0
+        while start < len(raw):
+            try:
+                obj = unpacker.unpack()
+            except Exception as err:  # msgpack raises several unrelated types; OutOfData: a torn tail
+                what = "a torn frame" if isinstance(err, msgpack.OutOfData) else f"not msgpack ({type(err).__name__})"
+                self._reject(
+                    identity, ProtocolError("malformed", f"batch: {what} at byte {start} of {len(raw)}; rest dropped")
+                )
+                return
+            end = unpacker.tell()
+            frame = raw[start:end]
+            start = end
+            if index == 0 and not (type(obj) is dict and obj.get("t") in SEQ_TYPES):
+                if not self._refuse(identity, exc, raw):  # no batch: a frame alone, too large
+                    self._reject(identity, exc, raw)
+                return
+            index += 1
+            try:
+                msg = decode_unpacked(obj, len(frame), limits)
+                if msg.t not in SEQ_TYPES:  # a hello, ping or control request travels alone
+                    raise ProtocolError("malformed", f"a {msg.t} frame inside a batch (it travels alone)")
+            except ProtocolError as bad:
+                if not self._refuse(identity, bad, frame):
+                    self._reject(identity, bad, frame)
+                continue
+            self._frame(identity, msg, frame)  # type: ignore[arg-type]
 
     def reply(self, identity: bytes, body: dict) -> None:
         """Answer a control request; it leaves with the next commit, as every reply does."""
@@ -142,16 +220,21 @@ class Receiver:
                     if run.orphaned_since is not None:
                         log.info("run %s: a trainer is back within the grace; not finishing it", run_id)
                         run.orphaned_since = None
-                # the session -> run mapping must survive a restart: it goes into the log
+                # the session -> run mapping must survive a restart: it goes into the log, written
+                # at once (with what this run buffered before it), so a full disk is known now
                 run.spool.log.append(raw)
+                run.spool.log.write()
             except OSError as exc:
-                self.ledger.disk_failed(run_id, exc)
+                if run is not None and run_id in self.runs:
+                    rollback(self.ledger, run, exc)  # what the run buffered before it went too
+                else:
+                    self.ledger.disk_failed(run_id, exc)
                 self.outbox.send(
                     identity, protocol.Error(msg.session, f"spool unwritable: {exc}", code=protocol.E_DISK)
                 )
                 return
             self.ledger.apply(run, msg)
-            run.dirty = True
+            run.dirty = self.ledger.unsynced = True
             sess = self.sessions[msg.session]
         sess.identity = identity
         if msg.first > sess.seq + 1:  # the client dropped these for good (full buffer)
@@ -204,8 +287,8 @@ class Receiver:
         run = self.runs[sess.run_id]
         if not self.ledger.append(run, Refused(sess.session, seq, f"{exc.reason}: {exc.detail}"[:500])):
             return True
+        self.outbox.refused(sess, protocol.Error(sess.session, str(exc), code=protocol.E_REFUSED, seq=seq))
         self.outbox.ack(sess)
-        self.outbox.send(identity, protocol.Error(sess.session, str(exc), code=protocol.E_REFUSED, seq=seq))
         return True
 
     def _nack(self, identity: bytes, sess: Session) -> None:
@@ -214,7 +297,8 @@ class Receiver:
             self.outbox.send(identity, protocol.Nack(sess.session, sess.seq))
 
     def _frame(self, identity: bytes, msg: Metrics | ConfigUpdate | SummaryUpdate | Close, raw: bytes) -> None:
-        sess = self.sessions.get(msg.session)
+        ledger = self.ledger
+        sess = ledger.sessions.get(msg.session)
         if sess is None:
             # e.g. the hello was lost with a dead connection: the client says hello again.
             self.outbox.send(
@@ -223,15 +307,17 @@ class Receiver:
             )
             return
         sess.identity = identity
-        if msg.seq <= sess.seq:  # a resend of what we have
+        sess.last_seen = _monotonic()
+        seq = msg.seq
+        if seq <= sess.seq:  # a resend of what we have
             self.duplicates += 1
-            self.outbox.ack(sess)
+            self.outbox.acks[sess.session] = sess
             return
-        if msg.seq > sess.seq + 1:  # frames in between were lost on the way
+        if seq > sess.seq + 1:  # frames in between were lost on the way
             self._nack(identity, sess)
             return
-        if self.ledger.append(self.runs[sess.run_id], msg, raw):
-            self.outbox.ack(sess)
+        ledger.append(ledger.runs[sess.run_id], msg, raw, sess)
+        self.outbox.acks[sess.session] = sess  # Outbox.ack, inlined: once per frame
 
     # ---------------------------------------------------------------- dead trainers
 
@@ -245,8 +331,8 @@ class Receiver:
 
     @property
     def dirty(self) -> bool:
-        """Replies wait for a commit."""
-        return self.outbox.pending
+        """Appended records or replies wait for a commit."""
+        return self.outbox.pending or self.ledger.unsynced or bool(self.ledger.rolled_back)
 
     def commit(self, sock: zmq.Socket) -> None:
         """Make appended frames durable, then send the replies that waited on it."""

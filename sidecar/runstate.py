@@ -74,6 +74,8 @@ class Ledger:
         self.runs: dict[str, RunState] = {}
         self.sessions: dict[str, Session] = {}
         self.disk_error: str | None = None  # the last spool write that failed, until a commit succeeds
+        self.unsynced = False  # something was appended since the last commit
+        self.rolled_back: set[str] = set()  # runs rolled back since the last commit: owed nothing by it
 
     def apply(self, run: RunState, msg: protocol.Record) -> None:
         """Account for a record that is in the run's log (on recovery, or just appended):
@@ -89,16 +91,20 @@ class Ledger:
             sess.seq = msg.seq
         run.apply(msg)
 
-    def append(self, run: RunState, msg: protocol.Record, raw: bytes | None = None) -> bool:
+    def append(
+        self, run: RunState, msg: protocol.Record, raw: bytes | None = None, sess: Session | None = None
+    ) -> bool:
         """Append a record (``raw``, else ``msg`` encoded) to the run's log and apply it;
-        durable at the next commit. False if the spool refused the write."""
-        try:
-            run.spool.log.append(protocol.encode(msg) if raw is None else raw)
-        except OSError as exc:
-            self.disk_failed(run.meta.run_id, exc)
-            return False
-        self.apply(run, msg)
+        written and made durable by the next commit (commit.py), which rolls the run back
+        if that fails. True: the record is the spool's now."""
+        run.spool.log.append(protocol.encode(msg) if raw is None else raw)
+        if sess is None:
+            self.apply(run, msg)
+        else:  # a client's seq'd frame, its session at hand: apply, less the lookups
+            sess.seq = msg.seq
+            run.apply(msg)
         run.dirty = True
+        self.unsynced = True
         return True
 
     def disk_failed(self, run_id: str, exc: OSError) -> None:

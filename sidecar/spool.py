@@ -37,6 +37,7 @@ from client.ids import RUN_ID_RE
 log = logging.getLogger("kforge_sidecar.spool")
 
 HEADER = struct.Struct("<II")  # payload length, crc32(payload)
+_pack_header = HEADER.pack
 MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
 
 
@@ -255,29 +256,58 @@ class RunLog:
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
+        self._buf = bytearray()  # records appended since the last write (see ``append``)
 
     # -- writer side (the receiver only)
 
     def open_for_append(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._buf = bytearray()
 
     def append(self, payload: bytes) -> None:
-        """Write one record; durable only after ``sync``. Raises OSError (disk full, ...)."""
+        """Add one record. It is held in memory and written by the next ``write`` (or
+        ``sync``): one write per group commit, not one per record. Nothing reads a
+        record before it is written, and nothing is acknowledged before ``sync``."""
         assert self._fd is not None, "log not open for append"
-        data = HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        buf = self._buf
+        buf += _pack_header(len(payload), zlib.crc32(payload))
+        buf += payload
+
+    @property
+    def unwritten(self) -> int:
+        """Bytes appended and not yet written."""
+        return len(self._buf)
+
+    def write(self) -> None:
+        """Write the records appended so far (not durable until ``sync``). Raises OSError
+        (disk full, ...); the records are gone then, and the log ends where it ended
+        before: its writer rolls back to its last commit (commit.py)."""
+        data, self._buf = self._buf, bytearray()
+        if not data or self._fd is None:
+            return
         written = os.write(self._fd, data)
         if written != len(data):  # a short write on a full disk: cut it so the log stays framed
             os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write)")
 
     def sync(self) -> None:
+        """Write what was appended and make it durable. Raises OSError as ``write``."""
         if self._fd is not None:
+            self.write()
             os.fdatasync(self._fd)
 
+    def discard(self) -> None:
+        """Forget the records appended and not yet written."""
+        self._buf = bytearray()
+
     def close(self) -> None:
+        """Write what was appended (not durable) and close."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.write()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def repair(self) -> int:
         """Cut a torn tail left by a crash. Returns the number of bytes cut.
