@@ -6,7 +6,6 @@ is in this file; see consumer.py.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
@@ -23,41 +22,51 @@ class TransactionLog:
 
     BLOCK = 32 * 1024
     HEAD = struct.Struct("<IHB")
+    MAX_READ = 64 * 1024 * 1024  # read at most this much per call; the next call goes on
 
     def __init__(self, path: Path):
         self.path = path
-        self._pos = 7  # after the file header
+        self._pos = 7  # after the file header; always at a record's first chunk
         self._step: int | None = None
 
     def last_step(self) -> int | None:
-        from wandb.proto import wandb_internal_pb2 as pb
-
+        """Called every heartbeat: reads only what was added since the last call, in one
+        read, walks its chunk headers, and decodes records from the newest back only until
+        one is a history record (steps only matter as the last one written)."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
             return self._step
         with f:
             f.seek(self._pos)
-            pos, parts = self._pos, []
-            while True:
-                left = self.BLOCK - pos % self.BLOCK
-                if left < self.HEAD.size:
-                    f.seek(left, os.SEEK_CUR)
-                    pos += left
-                    continue
-                head = f.read(self.HEAD.size)
-                if len(head) < self.HEAD.size:
-                    break
-                _, length, kind = self.HEAD.unpack(head)
-                data = f.read(length)
-                if len(data) < length or kind == 0:
-                    break  # not flushed yet (or zero fill)
-                pos += self.HEAD.size + length
-                parts.append(data)
-                if kind in (1, 4):  # FULL or LAST: a whole record
-                    rec = pb.Record.FromString(b"".join(parts))
-                    parts = []
-                    self._pos = pos
-                    if rec.HasField("history"):
-                        self._step = rec.history.step.num
+            data = f.read(self.MAX_READ)
+        base, block, head = self._pos, self.BLOCK, self.HEAD
+        unpack, hsize, n = head.unpack_from, head.size, len(data)
+        i, end, parts = 0, 0, []
+        records: list[list[tuple[int, int]]] = []  # each whole record's chunk spans in data
+        while True:
+            left = block - (base + i) % block
+            if left < hsize:
+                i += left  # a block's padding
+                continue
+            if i + hsize > n:
+                break
+            _, length, kind = unpack(data, i)
+            if kind == 0 or i + hsize + length > n:
+                break  # not flushed yet (or zero fill)
+            parts.append((i + hsize, i + hsize + length))
+            i += hsize + length
+            if kind in (1, 4):  # FULL or LAST: a whole record
+                records.append(parts)
+                parts, end = [], i
+        if not records:
+            return self._step
+        self._pos = base + end
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        for spans in reversed(records):
+            rec = pb.Record.FromString(b"".join(data[a:b] for a, b in spans))
+            if rec.HasField("history"):
+                self._step = rec.history.step.num
+                break
         return self._step
