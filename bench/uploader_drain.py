@@ -13,12 +13,15 @@ Timed, each from process start to exit, as the parent sees it:
   ours       ``python -m sidecar.uploader --config JSON`` in sync mode (what
              ``kforge-sidecar sync`` starts) draining the spool, then finishing
 
-Same wandb settings where they matter: offline, console off, system stats off.
+Same wandb settings where they matter: offline, console off, system stats off
+(ours also sets its transaction-log flush interval, which its cursor needs).
 Each run's .wandb file is read back afterwards; a run that did not record every
 step 0..N-1 exactly once (with all 14 keys) fails the bench instead of reporting
-a ratio. Pairs are interleaved (reference, ours); the row reports the median.
+a ratio. Pairs are interleaved (reference, ours; the next pair ours first); the
+row reports the ratio of the medians, and the detail each pair's ratio too. The
+machine's load moves both: compare only figures from one run.
 
-``--profile`` runs ours once more under cProfile (an env hook in the child only)
+``--profile`` runs ours once more under ``python -m cProfile``
 and prints the top functions.
 """
 
@@ -227,7 +230,8 @@ def main() -> int:
         ours: list[float] = []
         details: list[dict] = []
         for i in range(pairs):
-            for which in ("reference", "ours"):
+            # each pair's order alternates: neither side always runs after the other
+            for which in ("reference", "ours") if i % 2 == 0 else ("ours", "reference"):
                 if a.only and a.only != which:
                     continue
                 work = base / f"{which}-{i}"
@@ -273,6 +277,7 @@ def main() -> int:
         "detail": {
             "frames": frames,
             "pairs": pairs,
+            "pair_ratios": [round(r / o, 3) for r, o in zip(refs, ours)],  # load drifts: each pair's own ratio
             "ours_wall_s": [round(w, 3) for w in ours],
             "reference_wall_s": [round(w, 3) for w in refs],
             "runs": details,
