@@ -39,11 +39,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from client.protocol import Close, ConfigUpdate, Hello, Metrics, SummaryUpdate
+from client.protocol import Close, ConfigUpdate, Hello, Metrics, ProtocolError, SummaryUpdate
 
 from .config import UploaderConfig
 from .exits import EXIT_DONE, EXIT_RETRY
-from .record import decode_record
+from .record import decode_trusted
 from .spool import Heartbeat, RunMeta, RunSpool, UploadState
 from .steps import StepClock
 from .wandb_errors import Permanent, Transient
@@ -65,8 +65,8 @@ class Uploader:
         self._last_save = 0.0
         self._heartbeat = Heartbeat(pid=os.getpid())
         self._heartbeat_changed = True  # write its contents, not only its mtime
-        # (monotonic time, offset, frames, wandb step, clock snapshot) of each frame handed to wandb, not yet trusted
-        self._handed: deque[tuple[float, int, int, int, tuple]] = deque()
+        # (offset, frames, wandb step, clock snapshot) of each frame handed to wandb, not yet trusted
+        self._handed: deque[tuple[int, int, int, tuple]] = deque()
         self._handed_offset = self.state.offset
         # wandb's step rule at the cursor; a resumed session's first row may rewind the run
         self._clock = StepClock.from_dict(self.state.clock)
@@ -118,8 +118,9 @@ class Uploader:
                         return EXIT_DONE
                     self._handed_offset = rec.end
                     self._offset_clock = self._clock.snapshot()
-                    self._save()
-                    if self._drain_time_up():
+                    if time.monotonic() - self._last_save >= self.cfg.heartbeat:
+                        self._save()
+                    if self._stop_at is not None and self._drain_time_up():
                         log.warning("run %s: drain time is up; the rest stays in the spool", self.spool.run_id)
                         break  # keep the rest of the deadline for finish()
                 self._save()
@@ -144,13 +145,12 @@ class Uploader:
     def _record(self, meta: RunMeta, payload: bytes, end: int) -> bool:
         """Hand one spool record to wandb. False when this uploader is done (run finished,
         the sentinel, or a segment closed for a rewind)."""
-        msg = decode_record(payload)
-        if isinstance(msg, Hello):
-            self._clock.hello(msg.session)
-            self._trainer = msg
-            if msg.config:  # a resumed trainer's config: the run's config follows it
-                self._update_config(msg.config)
-        elif isinstance(msg, Metrics):
+        try:
+            msg = decode_trusted(payload)
+        except ProtocolError as exc:  # cannot happen for records the receiver wrote; never a reason to die
+            log.error("run %s: unreadable spool record before offset %d skipped: %s", self.spool.run_id, end, exc)
+            return True
+        if type(msg) is Metrics:
             before = self._clock.top
             step, how = self._clock.place(msg.session, msg.step, msg.commit)
             if how == "late":
@@ -172,9 +172,15 @@ class Uploader:
                     values = dict(msg.values, **{TRAINER_STEP: step}) if offset else msg.values
                     self.session.log(values, step + offset)
                 step += offset
-            self.state.uploaded += 1
-            self.state.last_step = step
-            self._handed.append((time.monotonic(), end, self.state.uploaded, step, self._clock.snapshot()))
+            state = self.state
+            state.uploaded += 1
+            state.last_step = step
+            self._handed.append((end, state.uploaded, step, self._clock.snapshot()))
+        elif isinstance(msg, Hello):
+            self._clock.hello(msg.session)
+            self._trainer = msg
+            if msg.config:  # a resumed trainer's config: the run's config follows it
+                self._update_config(msg.config)
         elif isinstance(msg, (ConfigUpdate, SummaryUpdate)):
             if not self._wandb_open and not self._init(meta):
                 return False
@@ -276,8 +282,8 @@ class Uploader:
         if self.session is not None and self.session.txlog is not None:
             written = self.session.written_step()
             trusted = None
-            while self._handed and written is not None and self._handed[0][3] <= written:
-                _, self.state.offset, self.state.trusted, _, trusted = self._handed.popleft()
+            while self._handed and written is not None and self._handed[0][2] <= written:
+                self.state.offset, self.state.trusted, _, trusted = self._handed.popleft()
             if trusted is not None:
                 self.state.clock = StepClock.restore(trusted).to_dict()
         if not self._handed and not self._wandb_open:

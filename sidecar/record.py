@@ -11,7 +11,8 @@ run's records mean together:
 - a ``refused`` record (written by the receiver for a frame it refused) counts.
 
 The receiver (recovery and every append), ``status`` without a sidecar,
-``sync`` and the uploader all use it.
+``sync`` and the uploader all use it. Reading back, they trust what the receiver
+validated (``decode_trusted``): a drain reads every record once more.
 """
 
 from __future__ import annotations
@@ -19,7 +20,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from client.protocol import Close, Hello, Limits, Metrics, ProtocolError, Record, Refused, decode_request
+import msgpack
+
+from client.protocol import (
+    PROTOCOL_VERSION,
+    Close,
+    Hello,
+    Limits,
+    Metrics,
+    ProtocolError,
+    Record,
+    Refused,
+    decode_request,
+)
 
 from .spool import MAX_RECORD, RunLog, UploaderState, UploadState
 from .spool import Record as SpoolRecord
@@ -33,8 +46,34 @@ OnBad = Callable[[SpoolRecord, ProtocolError], None]
 
 
 def decode_record(payload: bytes) -> Record:
-    """One frames.log record as its message (a client frame, or the receiver's ``refused``)."""
+    """One frames.log record as its message (a client frame, or the receiver's ``refused``),
+    validated again in full."""
     return decode_request(payload, TRUSTED_LIMITS, spool=True)  # type: ignore[return-value]
+
+
+def decode_trusted(payload: bytes) -> Record:
+    """``decode_record`` without checking a metrics frame's contents again: the receiver
+    validated the frame before it stored it, and the spool's CRC says these are the bytes
+    it stored. The other records (a few per run) go through ``decode_record``.
+
+    Still never a crash on garbage: a metrics frame's fields have their types (what the
+    readers compute with), else the full decoder decides (and raises ProtocolError);
+    only the ranges, the kind and the values' scalars are taken as the receiver checked them."""
+    try:
+        obj = msgpack.unpackb(payload)
+        if obj["t"] == "metrics" and obj["v"] == PROTOCOL_VERSION:
+            session, seq, step, when, values = obj["session"], obj["seq"], obj["step"], obj["time"], obj["values"]
+            if (
+                type(session) is str
+                and type(seq) is int
+                and (step is None or type(step) is int)
+                and type(when) in (float, int)
+                and type(values) is dict
+            ):
+                return Metrics(session, seq, step, obj["kind"], when, values, obj.get("commit") is not False)
+    except Exception:  # not msgpack, not a map, a field missing: the full decoder says what is wrong
+        pass
+    return decode_record(payload)
 
 
 def _skip(_rec: SpoolRecord, _exc: ProtocolError) -> None:
@@ -42,12 +81,13 @@ def _skip(_rec: SpoolRecord, _exc: ProtocolError) -> None:
 
 
 def messages(log: RunLog, offset: int = 0, on_bad: OnBad | None = _skip) -> Iterator[tuple[SpoolRecord, Record]]:
-    """The run's records from ``offset`` on, each with its message. A record that does not
-    decode (it cannot happen for frames the receiver validated) goes to ``on_bad`` and is
-    skipped; with ``on_bad=None`` its ProtocolError is raised."""
+    """The run's records from ``offset`` on, each with its message (``decode_trusted``: the
+    receiver validated them). A record that does not decode (it cannot happen for frames
+    the receiver wrote) goes to ``on_bad`` and is skipped; with ``on_bad=None`` its
+    ProtocolError is raised."""
     for rec in log.records(offset):
         try:
-            msg = decode_record(rec.payload)
+            msg = decode_trusted(rec.payload)
         except ProtocolError as exc:
             if on_bad is None:
                 raise

@@ -39,6 +39,7 @@ log = logging.getLogger("kforge_sidecar.spool")
 HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 _pack_header = HEADER.pack
 MAX_RECORD = 16 * 1024 * 1024  # larger lengths can only be garbage
+READ_BLOCK = 1024 * 1024  # readers read frames.log in blocks of this size
 
 
 def default_spool_dir() -> Path:
@@ -243,7 +244,7 @@ class Heartbeat:
     at: float = 0.0  # the last beat: the file's mtime (not stored in it)
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     offset: int  # where the record starts
     end: int  # where the next one starts
@@ -340,26 +341,35 @@ class RunLog:
             return
         with f:
             f.seek(offset)
-            pos = offset
+            # Read in big blocks (a buffered read returns all it asks for, short only at the
+            # end) and cut records out of them: a drain reads millions.
+            # ``pos`` is the file offset of buf[i].
+            buf, i, pos = b"", 0, offset
+            unpack, size, crc32 = HEADER.unpack_from, HEADER.size, zlib.crc32
             while True:
-                head = f.read(HEADER.size)
-                if len(head) < HEADER.size:
-                    return
-                length, crc = HEADER.unpack(head)
+                if len(buf) - i < size:
+                    buf, i = buf[i:] + f.read(READ_BLOCK), 0
+                    if len(buf) < size:
+                        return
+                length, crc = unpack(buf, i)
                 if length > MAX_RECORD:
                     if not strict:
                         log.error("spool %s: impossible record length %d at offset %d", self.path, length, pos)
                     return
-                payload = f.read(length)
-                if len(payload) < length:
-                    return
-                if zlib.crc32(payload) != crc:
+                end = i + size + length
+                if end > len(buf):
+                    buf, i = buf[i:] + f.read(max(READ_BLOCK, size + length - (len(buf) - i))), 0
+                    end = size + length
+                    if end > len(buf):
+                        return
+                payload = buf[i + size : end]
+                if crc32(payload) != crc:
                     if not strict:
                         log.error("spool %s: CRC mismatch at offset %d", self.path, pos)
                     return
-                end = pos + HEADER.size + length
-                yield Record(pos, end, payload)
-                pos = end
+                i = end
+                yield Record(pos, pos + size + length, payload)
+                pos += size + length
 
     def size(self) -> int:
         try:

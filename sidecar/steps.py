@@ -31,10 +31,14 @@ class StepClock:
     fresh: list[str] = field(default_factory=list)  # sessions that said hello and logged nothing yet
     seen: list[str] = field(default_factory=list)  # every session of the run
 
+    def __post_init__(self) -> None:
+        self._sessions: tuple | None = None  # (fresh, seen) as tuples for ``snapshot``; None: changed since
+
     def hello(self, session: str) -> None:
         if session in self.seen:
             return  # the same trainer reconnecting
         self.seen.append(session)
+        self._sessions = None
         if self.top is not None:
             self.fresh.append(session)  # a resumed trainer (or a second one on the run)
             if self.open:  # a new process starts a new row, as wandb does on resume
@@ -46,6 +50,7 @@ class StepClock:
         fresh = session in self.fresh
         if fresh:
             self.fresh.remove(session)
+            self._sessions = None
         if step is None:
             step = self.cur
             if commit:
@@ -68,12 +73,15 @@ class StepClock:
         return asdict(self)
 
     def snapshot(self) -> tuple:
-        """A cheap immutable copy (taken per frame by the uploader); ``restore`` undoes it."""
-        return (self.cur, self.open, self.top, tuple(self.fresh), tuple(self.seen))
+        """A cheap immutable copy (taken per frame by the uploader); ``restore`` undoes it.
+        The sessions, which change once per trainer session, are copied only when they did."""
+        if self._sessions is None:
+            self._sessions = (tuple(self.fresh), tuple(self.seen))
+        return (self.cur, self.open, self.top, self._sessions)
 
     @classmethod
     def restore(cls, snap: tuple) -> "StepClock":
-        cur, open_, top, fresh, seen = snap
+        cur, open_, top, (fresh, seen) = snap
         return cls(cur, open_, top, list(fresh), list(seen))
 
     @classmethod

@@ -103,3 +103,49 @@ def test_a_record_that_does_not_decode_is_skipped_or_raised(tmp_path):
         pass
     else:
         raise AssertionError("on_bad=None raises")
+
+
+def test_the_trusted_decoder_reads_what_the_full_one_reads():
+    from sidecar.record import decode_trusted
+
+    msgs = [
+        hello(A),
+        metrics(A, 1, 0, t=10.0),
+        Metrics(session=A, seq=2, step=None, kind="eval", time=11, values={"x": 1, "y": True}, commit=False),
+        ConfigUpdate(A, 3, {"lr": 1}),
+        protocol.SummaryUpdate(A, 4, {"best": 0.5}),
+        Refused(A, 5, "bad_value: x"),
+        Close(A, 6, exit_code=3),
+    ]
+    for m in msgs:
+        raw = protocol.encode(m)
+        assert decode_trusted(raw) == decode_record(raw) == m
+    raw = protocol.encode_metrics(A, 7, 3, "train", 1.5, {"a": 1.0}, commit=True)
+    assert decode_trusted(raw) == decode_record(raw)
+
+
+def test_the_trusted_decoder_never_passes_garbage_on():
+    from sidecar.record import decode_trusted
+
+    good = {"v": 1, "t": "metrics", "session": A, "seq": 1, "step": 0, "kind": "train", "time": 0.0, "values": {}}
+    bad = [
+        b"\x93garbage",
+        b"\xc1",
+        protocol.msgpack.packb([1, 2]),
+        protocol.msgpack.packb({**good, "v": 2}),
+        protocol.msgpack.packb({**good, "seq": "1"}),
+        protocol.msgpack.packb({**good, "step": 1.5}),
+        protocol.msgpack.packb({**good, "step": True}),
+        protocol.msgpack.packb({**good, "time": "now"}),
+        protocol.msgpack.packb({**good, "values": [1]}),
+        protocol.msgpack.packb({**good, "session": 7}),
+        protocol.msgpack.packb({k: v for k, v in good.items() if k != "kind"}),
+        protocol.msgpack.packb({**good, "t": "nonsense"}),
+    ]
+    for raw in bad:
+        try:
+            decode_trusted(raw)
+        except protocol.ProtocolError:
+            pass
+        else:
+            raise AssertionError(f"{raw!r} decoded")

@@ -74,3 +74,29 @@ def test_torn_tails_are_cut(tmp_path):
 def test_intact_log_is_not_touched(tmp_path):
     log, good = _log_with(tmp_path, b"")
     assert log.repair() == 0 and log.size() == good
+
+
+def test_records_are_cut_from_blocks_across_their_edges_and_a_growing_tail(tmp_path, monkeypatch):
+    from sidecar import spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "READ_BLOCK", 64)  # records straddle every block edge; some exceed a block
+    log = RunLog(tmp_path / "frames.log")
+    log.open_for_append()
+    payloads = [bytes([65 + i % 26]) * (i * 7 % 150) for i in range(200)]
+    for p in payloads:
+        log.append(p)
+    log.close()
+    recs = list(log.records())
+    assert [r.payload for r in recs] == payloads
+    assert [r.offset for r in recs[1:]] == [r.end for r in recs[:-1]] and recs[-1].end == log.size()
+    assert [r.payload for r in log.records(recs[77].offset)] == payloads[77:]
+
+    # a reader that meets a half-written record stops there, and reads on as the writer goes on
+    data = log.path.read_bytes()
+    log.path.write_bytes(data[: recs[5].offset + 11])
+    assert [r.payload for r in log.records()] == payloads[:5]
+    reader = log.records()
+    assert [next(reader).payload for _ in range(5)] == payloads[:5]
+    with open(log.path, "ab") as f:
+        f.write(data[recs[5].offset + 11 :])
+    assert [r.payload for r in reader] == payloads[5:]

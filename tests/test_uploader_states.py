@@ -170,3 +170,17 @@ def test_a_finished_run_that_a_resumed_trainer_reopened_starts_again_from_waitin
     code, st = _upload(run_dir)
     assert code == EXIT_DONE and st.state == UploadState.FINISHED and st.uploaded == 2
     assert [step for _v, step in FakeSession.sessions[-1].logged] == [1]
+
+
+def test_an_unreadable_record_is_skipped_not_a_crash(tmp_path):
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0))
+    rs = Spool(tmp_path / "spool").run("r1")
+    rs.log.open_for_append()
+    rs.log.append(b"\x93garbage")  # CRC-sound, but no message (never written by a receiver)
+    for m in (_metrics(2, 1), Close(S, 3)):
+        rs.log.append(protocol.encode(m))
+    rs.log.close()
+    code, st = _upload(run_dir)
+    assert code == EXIT_DONE and st.state == UploadState.FINISHED
+    assert [step for _v, step in FakeSession.sessions[0].logged] == [0, 1]
+    assert st.offset == (run_dir / "frames.log").stat().st_size and st.trusted == 2
