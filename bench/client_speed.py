@@ -40,7 +40,8 @@ from _common import (  # noqa: E402
     metrics,
     sidecar_status,
     start_sidecar,
-    stop_sidecar,
+    stop_process,
+    timed,
     wait_until,
     write_report,
 )
@@ -59,19 +60,6 @@ def _lat_summary(ns: list[int]) -> dict:
         "max_us": ns[-1] / 1000,
         "over_1ms": sum(1 for x in ns if x > 1_000_000),
     }
-
-
-def _timed(call, calls: int, warmup: int = 2000) -> list[int]:
-    for i in range(warmup):
-        call(DICTS[i % 1000], i)
-    out = [0] * calls
-    clock = time.perf_counter_ns
-    for i in range(calls):
-        d = DICTS[i % 1000]
-        t0 = clock()
-        call(d, warmup + i)
-        out[i] = clock() - t0
-    return out
 
 
 def _client(address: str, name: str, buffer_size: int):
@@ -116,7 +104,7 @@ def child_log_max(work: Path, calls: int) -> dict:
     try:
         mc = _client(address, "log-max", max(calls + 10_000, 100_000))
         del bursts[:]
-        lat = _timed(mc.log, calls)
+        lat = timed(mc.log, calls)
         timed_bursts = sorted(bursts)
         ok = mc.close(timeout=120)
         return _lat_summary(lat) | {
@@ -127,7 +115,7 @@ def child_log_max(work: Path, calls: int) -> dict:
             "sender_burst_cpu_p999_us": timed_bursts[int(len(timed_bursts) * 0.999)] / 1000 if timed_bursts else 0.0,
         }
     finally:
-        stop_sidecar(sc)
+        stop_process(sc, grace=120, group=True)
 
 
 def child_raw_max(work: Path, calls: int) -> dict:
@@ -154,7 +142,7 @@ def child_raw_max(work: Path, calls: int) -> dict:
             pass
 
     try:
-        return _lat_summary(_timed(call, calls))
+        return _lat_summary(timed(call, calls))
     finally:
         sock.close()
         ctx.term()
@@ -204,7 +192,7 @@ def child_overflow(work: Path, frames: int, buffer_size: int, pace: int) -> dict
             "sidecar_received": (run or {}).get("received"),
         }
     finally:
-        stop_sidecar(sc)
+        stop_process(sc, grace=120, group=True)
 
 
 def child_memory(work: Path, frames: int) -> dict:
@@ -250,7 +238,7 @@ def child_close(work: Path, trials: int) -> dict:
             time.sleep(0.5)  # let the run's uploader settle
         return {"close_ms": times, "median_ms": statistics.median(times)}
     finally:
-        stop_sidecar(sc)
+        stop_process(sc, grace=120, group=True)
 
 
 def child_wandb_finish(work: Path, trials: int) -> dict:

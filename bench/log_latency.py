@@ -36,24 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import metrics, start_sidecar, stop_sidecar  # noqa: E402
+from _common import start_sidecar, stop_process, timed  # noqa: E402
 
 SCENARIOS = ("floor", "healthy", "no-sidecar", "in-process")
-
-
-def timed(call, calls: int, warmup: int = 2000) -> list[int]:
-    # values vary per step, as in training; the dicts are built outside the timed region
-    dicts = [metrics(i) for i in range(1000)]
-    for i in range(warmup):
-        call(dicts[i % 1000], i)
-    out = [0] * calls
-    clock = time.perf_counter_ns
-    for i in range(calls):
-        d = dicts[i % 1000]
-        t0 = clock()
-        call(d, warmup + i)
-        out[i] = clock() - t0
-    return out
 
 
 def summarize(ns: list[int]) -> dict[str, float]:
@@ -128,7 +113,7 @@ def run_client(calls: int, work: Path, with_sidecar: bool) -> list[int]:
         return lat
     finally:
         if sidecar is not None:
-            stop_sidecar(sidecar)
+            stop_process(sidecar, grace=120, group=True)
 
 
 def run_in_process(calls: int, work: Path) -> list[int]:
