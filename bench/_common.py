@@ -9,10 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-out"
+
+# A process that drains a PULL socket: the other end of a raw ZeroMQ floor.
+SINK = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.PULL)
+sock.bind(sys.argv[1])
+while True:
+    sock.recv()
+"""
 
 
 def metrics(step: int) -> dict[str, float]:
@@ -112,6 +123,27 @@ def timed(call, calls: int, warmup: int = 2000) -> list[int]:
         call(d, warmup + i)
         out[i] = clock() - t0
     return out
+
+
+@contextmanager
+def push_to_sink(address: str, hwm: int) -> Iterator:
+    """A ZeroMQ PUSH socket (LINGER 0, SNDHWM ``hwm``) connected to a sink process that drains it."""
+    import zmq
+
+    sink = subprocess.Popen([sys.executable, "-c", SINK, address])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.connect(address)
+    time.sleep(0.5)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+        sink.kill()
+        sink.wait()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05):

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import (  # noqa: E402
     metrics,
+    push_to_sink,
     sidecar_status,
     start_sidecar,
     stop_process,
@@ -123,40 +124,18 @@ def child_raw_max(work: Path, calls: int) -> dict:
 
     from client import protocol
 
-    address = f"ipc://{work}/sink.sock"
-    sink = subprocess.Popen([sys.executable, __file__, "--sink", address])
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 1_000_000)
-    sock.connect(address)
-    time.sleep(0.5)
     session, seq = "benchbenchbench0", 0
+    with push_to_sink(f"ipc://{work}/sink.sock", 1_000_000) as sock:
 
-    def call(d: dict, step: int) -> None:
-        nonlocal seq
-        seq += 1
-        try:
-            sock.send(protocol.encode_metrics(session, seq, step, "train", time.time(), d), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        def call(d: dict, step: int) -> None:
+            nonlocal seq
+            seq += 1
+            try:
+                sock.send(protocol.encode_metrics(session, seq, step, "train", time.time(), d), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
-    try:
         return _lat_summary(timed(call, calls))
-    finally:
-        sock.close()
-        ctx.term()
-        sink.kill()
-        sink.wait()
-
-
-def run_sink(address: str) -> None:
-    import zmq
-
-    sock = zmq.Context().socket(zmq.PULL)
-    sock.bind(address)
-    while True:
-        sock.recv()
 
 
 def child_overflow(work: Path, frames: int, buffer_size: int, pace: int) -> dict:
@@ -301,16 +280,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer calls, one repetition")
     p.add_argument("--out", type=Path)
     p.add_argument("--child", choices=CHILDREN)
-    p.add_argument("--sink")
     p.add_argument("--calls", type=int, default=100_000)
     p.add_argument("--frames", type=int, default=200_000)
     p.add_argument("--buffer", type=int, default=100_000)
     p.add_argument("--pace", type=int, default=200)
     p.add_argument("--trials", type=int, default=7)
     a = p.parse_args()
-    if a.sink:
-        run_sink(a.sink)
-        return 0
     if a.child:
         child(a)
         return 0
