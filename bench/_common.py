@@ -9,10 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-out"
+
+# A process that drains a PULL socket: the other end of a raw ZeroMQ floor.
+SINK = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.PULL)
+sock.bind(sys.argv[1])
+while True:
+    sock.recv()
+"""
 
 
 def metrics(step: int) -> dict[str, float]:
@@ -26,27 +37,67 @@ def metrics(step: int) -> dict[str, float]:
     }  # fmt: skip
 
 
-def sidecar_env(work: Path) -> dict[str, str]:
-    return dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(work), WANDB_SILENT="true")
+def sidecar_env(work: Path, **extra: str) -> dict[str, str]:
+    """A sidecar's (and its trainers') environment: wandb offline under ``work``, the spool in
+    ``work/spool``, this checkout first on the path; ``extra`` on top (e.g. KFORGE_SIDECAR_ADDR)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(work), WANDB_SILENT="true",
+                KFORGE_SPOOL_DIR=str(work / "spool"), PYTHONPATH=path, **extra)  # fmt: skip
 
 
-def start_sidecar(work: Path, address: str, *args: str) -> subprocess.Popen:
-    """``kforge-sidecar serve`` with wandb offline, its spool under ``work``; in its own
-    session, so that ``stop_sidecar`` stops its uploaders with it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--address", address, "--spool-dir", str(work / "spool"),
-         "--log-level", "WARNING", *args],
-        env=sidecar_env(work), cwd=ROOT, start_new_session=True,
-    )  # fmt: skip
-
-
-def stop_sidecar(proc: subprocess.Popen, timeout: float = 120) -> None:
-    proc.send_signal(signal.SIGTERM)
+def start_sidecar(
+    work: Path,
+    address: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    program: tuple[str, ...] = ("-m", "sidecar"),
+    log_level: str = "WARNING",
+    log: Path | None = None,
+    cwd: Path = ROOT,
+    wait: bool = False,
+) -> subprocess.Popen:
+    """``kforge-sidecar serve`` with wandb offline, its spool under ``work``; in its own session,
+    so that ``stop_process(..., group=True)`` stops its uploaders with it. ``env``: instead of
+    ``sidecar_env(work)``; ``program``: what python runs instead of ``-m sidecar`` (a traced
+    sidecar); ``log``: its stdout and stderr go there; ``wait``: until its ipc socket exists."""
+    out = open(log, "wb") if log else None
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc = subprocess.Popen(
+            [sys.executable, *program, "serve", "--address", address, "--spool-dir", str(work / "spool"),
+             "--log-level", log_level, *args],
+            env=env or sidecar_env(work), cwd=cwd, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )  # fmt: skip
+    finally:
+        if out:
+            out.close()  # the sidecar has its own copy
+    if wait:
+        sock = Path(address.removeprefix("ipc://"))
+        wait_until(lambda: proc.poll() is not None or sock.exists(), 30)
+        if proc.poll() is not None or not sock.exists():
+            stop_process(proc, group=True)
+            raise RuntimeError(f"sidecar did not start: {log.read_text()[-2000:] if log else proc.returncode}")
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 30, group: bool = False) -> None:
+    """Stop a process we started, by its own pid: SIGTERM, up to ``grace`` s, then SIGKILL.
+    ``group`` (a sidecar: it leads its own session): the whole group gets the SIGTERM, so its
+    uploaders stop with it, and a SIGKILL after, for any left behind."""
+    if proc.poll() is None:
+        try:
+            (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
 
 
 def sidecar_status(work: Path, address: str) -> dict | None:
@@ -56,6 +107,43 @@ def sidecar_status(work: Path, address: str) -> dict | None:
         env=sidecar_env(work), cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def timed(call, calls: int, warmup: int = 2000) -> list[int]:
+    """Nanoseconds of each ``call(metrics dict, step)`` in a tight loop, after ``warmup`` calls."""
+    # values vary per step, as in training; the dicts are built outside the timed region
+    dicts = [metrics(i) for i in range(1000)]
+    for i in range(warmup):
+        call(dicts[i % 1000], i)
+    out = [0] * calls
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        d = dicts[i % 1000]
+        t0 = clock()
+        call(d, warmup + i)
+        out[i] = clock() - t0
+    return out
+
+
+@contextmanager
+def push_to_sink(address: str, hwm: int) -> Iterator:
+    """A ZeroMQ PUSH socket (LINGER 0, SNDHWM ``hwm``) connected to a sink process that drains it."""
+    import zmq
+
+    sink = subprocess.Popen([sys.executable, "-c", SINK, address])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.connect(address)
+    time.sleep(0.5)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+        sink.kill()
+        sink.wait()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05):

@@ -38,9 +38,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import (  # noqa: E402
     metrics,
+    push_to_sink,
     sidecar_status,
     start_sidecar,
-    stop_sidecar,
+    stop_process,
+    timed,
     wait_until,
     write_report,
 )
@@ -59,19 +61,6 @@ def _lat_summary(ns: list[int]) -> dict:
         "max_us": ns[-1] / 1000,
         "over_1ms": sum(1 for x in ns if x > 1_000_000),
     }
-
-
-def _timed(call, calls: int, warmup: int = 2000) -> list[int]:
-    for i in range(warmup):
-        call(DICTS[i % 1000], i)
-    out = [0] * calls
-    clock = time.perf_counter_ns
-    for i in range(calls):
-        d = DICTS[i % 1000]
-        t0 = clock()
-        call(d, warmup + i)
-        out[i] = clock() - t0
-    return out
 
 
 def _client(address: str, name: str, buffer_size: int):
@@ -116,7 +105,7 @@ def child_log_max(work: Path, calls: int) -> dict:
     try:
         mc = _client(address, "log-max", max(calls + 10_000, 100_000))
         del bursts[:]
-        lat = _timed(mc.log, calls)
+        lat = timed(mc.log, calls)
         timed_bursts = sorted(bursts)
         ok = mc.close(timeout=120)
         return _lat_summary(lat) | {
@@ -127,7 +116,7 @@ def child_log_max(work: Path, calls: int) -> dict:
             "sender_burst_cpu_p999_us": timed_bursts[int(len(timed_bursts) * 0.999)] / 1000 if timed_bursts else 0.0,
         }
     finally:
-        stop_sidecar(sc)
+        stop_process(sc, grace=120, group=True)
 
 
 def child_raw_max(work: Path, calls: int) -> dict:
@@ -135,40 +124,18 @@ def child_raw_max(work: Path, calls: int) -> dict:
 
     from client import protocol
 
-    address = f"ipc://{work}/sink.sock"
-    sink = subprocess.Popen([sys.executable, __file__, "--sink", address])
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 1_000_000)
-    sock.connect(address)
-    time.sleep(0.5)
     session, seq = "benchbenchbench0", 0
+    with push_to_sink(f"ipc://{work}/sink.sock", 1_000_000) as sock:
 
-    def call(d: dict, step: int) -> None:
-        nonlocal seq
-        seq += 1
-        try:
-            sock.send(protocol.encode_metrics(session, seq, step, "train", time.time(), d), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        def call(d: dict, step: int) -> None:
+            nonlocal seq
+            seq += 1
+            try:
+                sock.send(protocol.encode_metrics(session, seq, step, "train", time.time(), d), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
-    try:
-        return _lat_summary(_timed(call, calls))
-    finally:
-        sock.close()
-        ctx.term()
-        sink.kill()
-        sink.wait()
-
-
-def run_sink(address: str) -> None:
-    import zmq
-
-    sock = zmq.Context().socket(zmq.PULL)
-    sock.bind(address)
-    while True:
-        sock.recv()
+        return _lat_summary(timed(call, calls))
 
 
 def child_overflow(work: Path, frames: int, buffer_size: int, pace: int) -> dict:
@@ -204,7 +171,7 @@ def child_overflow(work: Path, frames: int, buffer_size: int, pace: int) -> dict
             "sidecar_received": (run or {}).get("received"),
         }
     finally:
-        stop_sidecar(sc)
+        stop_process(sc, grace=120, group=True)
 
 
 def child_memory(work: Path, frames: int) -> dict:
@@ -250,7 +217,7 @@ def child_close(work: Path, trials: int) -> dict:
             time.sleep(0.5)  # let the run's uploader settle
         return {"close_ms": times, "median_ms": statistics.median(times)}
     finally:
-        stop_sidecar(sc)
+        stop_process(sc, grace=120, group=True)
 
 
 def child_wandb_finish(work: Path, trials: int) -> dict:
@@ -313,16 +280,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer calls, one repetition")
     p.add_argument("--out", type=Path)
     p.add_argument("--child", choices=CHILDREN)
-    p.add_argument("--sink")
     p.add_argument("--calls", type=int, default=100_000)
     p.add_argument("--frames", type=int, default=200_000)
     p.add_argument("--buffer", type=int, default=100_000)
     p.add_argument("--pace", type=int, default=200)
     p.add_argument("--trials", type=int, default=7)
     a = p.parse_args()
-    if a.sink:
-        run_sink(a.sink)
-        return 0
     if a.child:
         child(a)
         return 0

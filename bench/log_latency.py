@@ -29,31 +29,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import metrics, start_sidecar, stop_sidecar  # noqa: E402
+from _common import push_to_sink, start_sidecar, stop_process, timed  # noqa: E402
 
 SCENARIOS = ("floor", "healthy", "no-sidecar", "in-process")
-
-
-def timed(call, calls: int, warmup: int = 2000) -> list[int]:
-    # values vary per step, as in training; the dicts are built outside the timed region
-    dicts = [metrics(i) for i in range(1000)]
-    for i in range(warmup):
-        call(dicts[i % 1000], i)
-    out = [0] * calls
-    clock = time.perf_counter_ns
-    for i in range(calls):
-        d = dicts[i % 1000]
-        t0 = clock()
-        call(d, warmup + i)
-        out[i] = clock() - t0
-    return out
 
 
 def summarize(ns: list[int]) -> dict[str, float]:
@@ -73,38 +57,15 @@ def run_floor(calls: int, work: Path) -> list[int]:
     import msgpack
     import zmq
 
-    addr = f"ipc://{work}/floor.sock"
-    sink = subprocess.Popen([sys.executable, __file__, "--sink", addr])
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.connect(addr)
-    time.sleep(0.5)
+    with push_to_sink(f"ipc://{work}/floor.sock", 100_000) as sock:
 
-    def call(d: dict, step: int) -> None:
-        try:
-            sock.send(msgpack.packb({"step": step, "values": d}), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        def call(d: dict, step: int) -> None:
+            try:
+                sock.send(msgpack.packb({"step": step, "values": d}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
-    try:
         return timed(call, calls)
-    finally:
-        sock.close()
-        ctx.term()
-        sink.kill()
-        sink.wait()
-
-
-def run_sink(addr: str) -> None:
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.bind(addr)
-    while True:
-        sock.recv()
 
 
 def run_client(calls: int, work: Path, with_sidecar: bool) -> list[int]:
@@ -128,7 +89,7 @@ def run_client(calls: int, work: Path, with_sidecar: bool) -> list[int]:
         return lat
     finally:
         if sidecar is not None:
-            stop_sidecar(sidecar)
+            stop_process(sidecar, grace=120, group=True)
 
 
 def run_in_process(calls: int, work: Path) -> list[int]:
@@ -168,11 +129,7 @@ def main() -> int:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "log_latency.json")
     p.add_argument("--child", choices=SCENARIOS)
-    p.add_argument("--sink")
     a = p.parse_args()
-    if a.sink:
-        run_sink(a.sink)
-        return 0
     if a.child:
         child(a.child, a.calls)
         return 0

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,11 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import sidecar_env, start_sidecar, stop_process, write_report  # noqa: E402
+
 KEYS = 14
 GOAL = 1.5
 
@@ -180,23 +184,6 @@ def expect(proc: subprocess.Popen, word: str, timeout: float = 120) -> str:
     raise RuntimeError(f"timed out waiting for {word!r}")
 
 
-def stop(proc: subprocess.Popen, group: bool = False) -> None:
-    if proc.poll() is None:
-        try:
-            (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    if group:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # uploaders left behind
-        except ProcessLookupError:
-            pass
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-
-
 def run_floor(n: int) -> dict:
     base = Path(tempfile.mkdtemp(prefix="kfs-bf-", dir="/tmp"))
     address = f"ipc://{base}/floor.sock"
@@ -220,42 +207,19 @@ def run_floor(n: int) -> dict:
                     p.stdin.flush()
                 except (BrokenPipeError, ValueError):
                     pass
-                stop(p)
+                stop_process(p)
         shutil.rmtree(base, ignore_errors=True)
 
 
 def run_sidecar(n: int, batch: int) -> dict:
     base = Path(tempfile.mkdtemp(prefix="kfs-bs-", dir="/tmp"))
     os.chmod(base, 0o700)
-    (base / "wandb").mkdir()
     address = f"ipc://{base}/sock/sidecar.sock"
-    env = dict(os.environ)
-    env.update(
-        {
-            "WANDB_MODE": "offline",
-            "WANDB_DIR": str(base / "wandb"),
-            "WANDB_SILENT": "true",
-            "KFORGE_SPOOL_DIR": str(base / "spool"),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        }
-    )
-    log = open(base / "sidecar.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--address", address, "--no-system-metrics", "--drain-timeout", "1"],
-        env=env,
-        cwd=base,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    env = sidecar_env(base)
+    server = start_sidecar(base, address, "--no-system-metrics", "--drain-timeout", "1", env=env, log_level="INFO",
+                           log=base / "sidecar.log", cwd=base, wait=True)  # fmt: skip
     sender = None
     try:
-        sock_path = base / "sock" / "sidecar.sock"
-        deadline = time.monotonic() + 30
-        while not sock_path.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sidecar did not start: {(base / 'sidecar.log').read_text()[-2000:]}")
-            time.sleep(0.05)
         sender = child("--sender", address, str(n), str(batch), env=env)
         expect(sender, "ready")
         time.sleep(0.3)  # the welcome's commit and the uploader's start are behind us
@@ -267,9 +231,8 @@ def run_sidecar(n: int, batch: int) -> dict:
         return {"cpu_s": cpu1 - cpu0, "wall_s": wall, "frames": n, "sender_wall_s": done["wall"]}
     finally:
         if sender is not None:
-            stop(sender)
-        stop(server, group=True)
-        log.close()
+            stop_process(sender)
+        stop_process(server, group=True)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -324,14 +287,7 @@ def main() -> None:
                 },
             }
         )
-    out = {"bench": "receiver_cpu", "machine": f"{platform.platform()} / {os.cpu_count()} CPUs", "rows": rows}
-    os.makedirs(ROOT / "bench-out", exist_ok=True)
-    (ROOT / "bench-out" / "receiver_cpu.json").write_text(json.dumps(out, indent=2))
-    print(f"{'what':<70} {'value':>9} {'floor':>9} {'ratio':>7}  goal    met")
-    for r in rows:
-        print(
-            f"{r['what'][:70]:<70} {r['value']:>9.2f} {r['reference']:>9.2f} {r['ratio']:>7.2f}  {r['goal']:<7} {r['met']}"
-        )
+    write_report("receiver_cpu", rows)
 
 
 if __name__ == "__main__":

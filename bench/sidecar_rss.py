@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import OUT, sidecar_env, start_sidecar, stop_process, write_report  # noqa: E402
+
 GOAL_MIB = 100.0
 KEYS = 14
 
@@ -144,56 +147,17 @@ class Sampler(threading.Thread):
             n += 1
 
 
-def start_sidecar(base: Path, traced: Path | None) -> tuple[subprocess.Popen, dict, str]:
+def start_traced_sidecar(base: Path, traced: Path | None) -> tuple[subprocess.Popen, dict, str]:
+    """The sidecar (under tracemalloc when ``traced``) with its socket up; its env (for trainers), its address."""
     os.chmod(base, 0o700)
-    (base / "wandb").mkdir()
     address = f"ipc://{base}/sock/sidecar.sock"
-    env = dict(os.environ)
-    env.update(
-        {
-            "WANDB_MODE": "offline",
-            "WANDB_DIR": str(base / "wandb"),
-            "WANDB_SILENT": "true",
-            "KFORGE_SPOOL_DIR": str(base / "spool"),
-            "KFORGE_SIDECAR_ADDR": address,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        }
-    )
-    prog = ["-c", TRACED, str(traced)] if traced else ["-m", "sidecar"]
-    server = subprocess.Popen(
-        [sys.executable, *prog, "serve", "--no-system-metrics", "--drain-timeout", "2", "--max-runs", "64"],
-        env=env,
-        cwd=base,
-        stdout=open(base / "sidecar.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    env = sidecar_env(base, KFORGE_SIDECAR_ADDR=address)
+    server = start_sidecar(
+        base, address, "--no-system-metrics", "--drain-timeout", "2", "--max-runs", "64", env=env,
+        program=("-c", TRACED, str(traced)) if traced else ("-m", "sidecar"), log_level="INFO",
+        log=base / "sidecar.log", cwd=base, wait=True,
+    )  # fmt: skip
     return server, env, address
-
-
-def wait_socket(base: Path, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while not (base / "sock" / "sidecar.sock").exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"sidecar did not start: {(base / 'sidecar.log').read_text()[-2000:]}")
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen, group: bool = False, grace: float = 30) -> None:
-    if proc.poll() is None:
-        try:
-            (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    if group:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
 
 
 def trainer(env: dict, *args: str) -> subprocess.Popen:
@@ -213,10 +177,9 @@ def report(proc: subprocess.Popen, timeout: float) -> dict:
 
 def scenario_many(trainers: int, rate: float, seconds: float, traced: Path | None) -> dict:
     base = Path(tempfile.mkdtemp(prefix="kfs-rss-", dir="/tmp"))
-    server, env, _ = start_sidecar(base, traced)
+    server, env, _ = start_traced_sidecar(base, traced)
     procs: list[subprocess.Popen] = []
     try:
-        wait_socket(base, server)
         start_kib = proc_status(server.pid).get("VmRSS", 0)
         sampler = Sampler(server.pid)
         sampler.start()
@@ -239,8 +202,8 @@ def scenario_many(trainers: int, rate: float, seconds: float, traced: Path | Non
         }
     finally:
         for p in procs:
-            stop(p)
-        stop(server, group=True)
+            stop_process(p)
+        stop_process(server, group=True)
         if not os.environ.get("KFORGE_BENCH_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
 
@@ -249,18 +212,11 @@ def scenario_backlog(frames: int, traced: Path | None) -> dict:
     base = Path(tempfile.mkdtemp(prefix="kfs-rss-", dir="/tmp"))
     server = None
     os.chmod(base, 0o700)
-    env = dict(os.environ)
-    env.update(
-        {
-            "KFORGE_SIDECAR_ADDR": f"ipc://{base}/sock/sidecar.sock",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        }
-    )
+    env = sidecar_env(base, KFORGE_SIDECAR_ADDR=f"ipc://{base}/sock/sidecar.sock")
     tr = trainer(env, "0", "0", str(frames), "backlog")
     try:
         assert "logged" in tr.stdout.readline()
-        server, _, _ = start_sidecar(base, traced)
-        wait_socket(base, server)
+        server, _, _ = start_traced_sidecar(base, traced)
         sampler = Sampler(server.pid)
         sampler.start()
         t0 = time.monotonic()
@@ -279,9 +235,9 @@ def scenario_backlog(frames: int, traced: Path | None) -> dict:
             "uploaders_peak_mib_not_counted": sampler.peak_others_kib / 1024,
         }
     finally:
-        stop(tr)
+        stop_process(tr)
         if server is not None:
-            stop(server, group=True)
+            stop_process(server, group=True)
         if not os.environ.get("KFORGE_BENCH_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
 
@@ -297,9 +253,8 @@ def main() -> None:
     args = ap.parse_args()
     seconds = args.seconds or (4.0 if args.quick else 20.0)
     backlog = args.backlog or (100_000 if args.quick else 1_000_000)
-    out_dir = ROOT / "bench-out"
-    out_dir.mkdir(exist_ok=True)
-    traced = (out_dir / "sidecar_rss.tracemalloc.txt").resolve() if args.tracemalloc else None
+    OUT.mkdir(exist_ok=True)
+    traced = (OUT / "sidecar_rss.tracemalloc.txt").resolve() if args.tracemalloc else None
 
     many = scenario_many(args.trainers, args.rate, seconds, traced)
     ref = scenario_backlog(backlog, None)
@@ -316,13 +271,7 @@ def main() -> None:
         "met": many["peak_mib"] <= GOAL_MIB,
         "detail": {"trainers": many, "backlog": ref, "system_metrics": False},
     }
-    result = {"bench": "sidecar_rss", "machine": f"{platform.platform()} / {os.cpu_count()} CPUs", "rows": [row]}
-    (out_dir / "sidecar_rss.json").write_text(json.dumps(result, indent=2))
-    print(f"{'what':<70} {'value':>8} {'ref':>8} {'ratio':>6}  goal        met")
-    print(
-        f"{row['what'][:70]:<70} {row['value']:>8.1f} {row['reference']:>8.1f} {row['ratio']:>6.2f}  "
-        f"{row['goal']:<11} {row['met']}"
-    )
+    write_report("sidecar_rss", [row])
     print(
         f"  trainers: start {many['start_mib']:.0f} MiB, {many['frames']} frames in {many['wall_s']} s, "
         f"dropped {many['dropped']}, all closed {many['all_closed']}; uploaders (not counted) "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from sidecar.proc import children  # noqa: F401  (re-exported for the tests)
 
@@ -177,6 +178,18 @@ def sidecar(env: Env):
     yield make
     for sc in started:
         sc.kill()
+
+
+@pytest.fixture
+def raw(env: Env):
+    """A bare DEALER socket on the sidecar's address: frames no MetricsClient would send."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(env.address)
+    yield sock
+    sock.close()
+    ctx.term()
 
 
 def run_trainer(env: Env, *args: str, timeout: float = 120) -> dict:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import msgpack
-import pytest
-import zmq
 from conftest import run_trainer, wandb_file, wandb_history
 from trainer import train_metrics
 
@@ -34,18 +32,6 @@ BAD = [
     ([metrics(values={"loss": 1.0, "pad": "x" * 100_000})], "oversize"),
     ([metrics(), b"extra part"], "malformed"),
 ]
-
-
-@pytest.fixture
-def raw(env):
-    """A bare DEALER socket on the sidecar's address: frames no MetricsClient would send."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(env.address)
-    yield sock
-    sock.close()
-    ctx.term()
 
 
 def test_bad_frames_are_rejected_counted_and_the_sidecar_keeps_serving(env, sidecar, raw):

@@ -7,7 +7,6 @@ import os
 
 import msgpack
 import pytest
-import zmq
 from conftest import wandb_file, wandb_history
 
 from client import protocol
@@ -23,17 +22,6 @@ def metrics(seq: int, step: int | None = None, **over) -> bytes:
 
 def batch(seqs) -> bytes:
     return b"".join(metrics(s) for s in seqs)
-
-
-@pytest.fixture
-def raw(env):
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(env.address)
-    yield sock
-    sock.close()
-    ctx.term()
 
 
 def hello(sock) -> protocol.Welcome:
