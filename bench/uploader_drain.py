@@ -45,19 +45,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import metrics, write_report  # noqa: E402
+
 RUN_ID = "benchdrain1"
 SESSION = "bench-session-0001"
 DEADLINE = 300.0  # seconds one child may take before it is killed
-
-
-def metrics(step: int) -> dict[str, float]:
-    loss = 11.0 / (1.0 + 0.01 * step)
-    return {
-        "train/loss": loss, "train/grad_norm": 1.1, "train/lr": 3e-4, "train/tokens_per_sec": 1.2e5,
-        "train/mfu": 0.41, "train/step_time_sec": 0.5, "gpu/allocated_gb": 10.5, "gpu/peak_gb": 12.25,
-        "gpu/reserved_gb": 14.0, "gpu/mem_utilization": 0.75, "smoothed/loss": loss,
-        "smoothed/tokens_per_sec": 1.19e5, "smoothed/mfu": 0.4, "smoothed/step_time": 0.51,
-    }  # fmt: skip
 
 
 KEYS = len(metrics(0))
@@ -283,9 +275,7 @@ def main() -> int:
             "runs": details,
         },
     }
-    out = {"bench": "uploader_drain", "machine": f"{' '.join(platform.uname())} / {os.cpu_count()} cpus", "rows": [row]}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_report("uploader_drain", [row], a.out)
     print(f"{'what':<12}{'rows/s':>10}{'wall s':>9}")
     print(f"{'reference':<12}{reference:>10.0f}{ref:>9.2f}")
     print(f"{'ours':<12}{value:>10.0f}{our:>9.2f}")
