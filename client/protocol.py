@@ -534,7 +534,7 @@ MetricsFields = tuple[str, int, "int | None", str, float, "dict[str, Scalar]", b
 # frames repeat the same keys, so a subset test replaces the per-key length checks.
 # Bounded: a flood of fresh keys only empties it.
 _KEYS_OK: dict[int, set[str]] = {}
-_KEYS_OK_MAX = 65536
+_KEYS_OK_MAX = 16384  # keys of up to max_key_len (256): a few MiB at most
 
 
 def metrics_fields(obj: Any, size: int, limits: Limits) -> MetricsFields | None:

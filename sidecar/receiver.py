@@ -154,17 +154,23 @@ class Receiver:
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(raw))
         unpacker.feed(raw)
         limits = self.limits
+        unpack, tell, size, append_metrics = unpacker.unpack, unpacker.tell, len(raw), self.ledger.append_metrics
+        # The session (and its run) whose frame this batch stored last: its next metrics frame
+        # is stored here at once, as ``_metrics`` would store it (its identity, last_seen and
+        # ack were set by that frame, and nothing between the two can have changed them).
+        sess: Session | None = None
+        run: RunState | None = None
         start, index = 0, 0
-        while start < len(raw):
+        while start < size:
             try:
-                obj = unpacker.unpack()
+                obj = unpack()
             except Exception as err:  # msgpack raises several unrelated types; OutOfData: a torn tail
                 what = "a torn frame" if isinstance(err, msgpack.OutOfData) else f"not msgpack ({type(err).__name__})"
                 self._reject(
                     identity, ProtocolError("malformed", f"batch: {what} at byte {start} of {len(raw)}; rest dropped")
                 )
                 return
-            end = unpacker.tell()
+            end = tell()
             frame = raw[start:end]
             start = end
             if index == 0 and not (type(obj) is dict and obj.get("t") in SEQ_TYPES):
@@ -185,8 +191,11 @@ class Receiver:
                 continue
             if fields is None:
                 self._frame(identity, msg, frame)  # type: ignore[arg-type]
+            elif sess is not None and fields[1] == sess.seq + 1 and fields[0] == sess.session:
+                append_metrics(run, sess, fields[1], fields[2], fields[6], frame)  # type: ignore[arg-type]
             else:
-                self._metrics(identity, fields, frame)
+                sess = self._metrics(identity, fields, frame)
+                run = self.ledger.runs[sess.run_id] if sess is not None else None
 
     def reply(self, identity: bytes, body: dict) -> None:
         """Answer a control request; it leaves with the next commit, as every reply does."""
@@ -311,14 +320,16 @@ class Receiver:
             ledger.append(ledger.runs[sess.run_id], msg, raw, sess)
             self.outbox.acks[sess.session] = sess  # Outbox.ack, inlined: once per frame
 
-    def _metrics(self, identity: bytes, fields: MetricsFields, raw: bytes) -> None:
-        """``_frame`` for a metrics frame of a batch, as its validated fields."""
+    def _metrics(self, identity: bytes, fields: MetricsFields, raw: bytes) -> Session | None:
+        """``_frame`` for a metrics frame of a batch, as its validated fields. Its session if
+        the frame was stored."""
         session, seq, step, _kind, _time, _values, commit = fields
         sess = self._next(identity, session, seq)
         if sess is not None:
             ledger = self.ledger
             ledger.append_metrics(ledger.runs[sess.run_id], sess, seq, step, commit, raw)
             self.outbox.acks[session] = sess
+        return sess
 
     def _next(self, identity: bytes, session: str, seq: int) -> Session | None:
         """The session whose next frame this is, for the caller to store it; None if the
