@@ -574,7 +574,7 @@ def metrics_fields(obj: Any, size: int, limits: Limits) -> MetricsFields | None:
         type(values) is not dict
         or len(values) > limits.max_scalars
         or not _SCALAR_TYPES.issuperset(map(type, values.values()))
-        or not values.keys() <= _KEYS_OK.get(limits.max_key_len, _NO_KEYS)
+        or not _KEYS_OK.get(limits.max_key_len, _NO_KEYS).issuperset(values)
     ):
         values = check_values(values, limits)
         _keys_ok(values, limits.max_key_len)
