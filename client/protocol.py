@@ -482,10 +482,13 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = Fa
 def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool: bool = False) -> Request | Refused:
     """``decode_request`` for a frame already unpacked (``size``: its length in bytes),
     as a batch's frames are: every check but msgpack's own is made here."""
-    if type(obj) is dict and obj.get("t") == "metrics" and type(obj.get("v")) is int and obj["v"] == PROTOCOL_VERSION:
-        if size > limits.max_frame_bytes:  # the hot path: _versioned's checks, passed
-            raise ProtocolError("oversize", f"{size} bytes, limit {limits.max_frame_bytes}")
-        return _metrics(obj, limits)
+    fields = metrics_fields(obj, size, limits)
+    if fields is not None:
+        # A frozen dataclass's __init__ sets each field through object.__setattr__; filling
+        # its __dict__ at once makes the same object for a fraction of the cost.
+        msg = _new_metrics()
+        msg.__dict__.update(zip(_METRICS_FIELDS, fields), t="metrics")
+        return msg
     obj = _versioned(obj)
     t = obj.get("t")
     limit = _frame_limit(t, limits)
@@ -524,12 +527,29 @@ def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool:
 
 
 _new_metrics = functools.partial(object.__new__, Metrics)
+# MetricsFields' order: Metrics' fields less ``t``.
+_METRICS_FIELDS = ("session", "seq", "step", "kind", "time", "values", "commit")
+MetricsFields = tuple[str, int, "int | None", str, float, "dict[str, Scalar]", bool]
+# Keys of ``values`` known good (non-empty, at most max_key_len long), per max_key_len: most
+# frames repeat the same keys, so a subset test replaces the per-key length checks.
+# Bounded: a flood of fresh keys only empties it.
+_KEYS_OK: dict[int, set[str]] = {}
+_KEYS_OK_MAX = 16384  # keys of up to max_key_len (256): a few MiB at most
 
 
-def _metrics(obj: dict, limits: Limits) -> Metrics:
-    """The hot path (most frames are metrics): the checks _session, _seq, _int and
+def metrics_fields(obj: Any, size: int, limits: Limits) -> MetricsFields | None:
+    """The hot path (most frames are metrics): a current-version metrics map's fields, in
+    Metrics' order, validated as ``decode_unpacked`` validates them, without building the
+    Metrics (the receiver's batch loop needs no object). None: not such a map (for
+    ``decode_unpacked``'s general path). The checks _versioned, _session, _seq, _int and
     check_values make, in the same order, inlined; where one fails, that function is
     called to raise its error."""
+    if not (
+        type(obj) is dict and obj.get("t") == "metrics" and type(obj.get("v")) is int and obj["v"] == PROTOCOL_VERSION
+    ):
+        return None
+    if size > limits.max_frame_bytes:
+        raise ProtocolError("oversize", f"{size} bytes, limit {limits.max_frame_bytes}")
     get = obj.get
     kind = get("kind")
     if kind not in KINDS:
@@ -553,24 +573,26 @@ def _metrics(obj: dict, limits: Limits) -> Metrics:
     if (
         type(values) is not dict
         or len(values) > limits.max_scalars
-        or values
-        and not (
-            _SCALAR_TYPES.issuperset(map(type, values.values()))
-            and all(values)
-            and max(map(len, values)) <= limits.max_key_len
-        )
+        or not _SCALAR_TYPES.issuperset(map(type, values.values()))
+        or not _KEYS_OK.get(limits.max_key_len, _NO_KEYS).issuperset(values)
     ):
         values = check_values(values, limits)
+        _keys_ok(values, limits.max_key_len)
     commit = get("commit")
     if commit is not None and type(commit) is not bool:
         raise ProtocolError("bad_field", "'commit' must be bool")
-    # A frozen dataclass's __init__ sets each field through object.__setattr__; filling
-    # its __dict__ at once makes the same object for a fraction of the cost.
-    msg = _new_metrics()
-    msg.__dict__.update(
-        session=session, seq=seq, step=step, kind=kind, time=when, values=values, commit=commit is not False, t="metrics"
-    )  # fmt: skip
-    return msg
+    return session, seq, step, kind, when, values, commit is not False
+
+
+_NO_KEYS: frozenset[str] = frozenset()
+
+
+def _keys_ok(values: dict[str, Scalar], max_key_len: int) -> None:
+    """Remember the keys of a ``values`` map that passed check_values (for metrics_fields)."""
+    known = _KEYS_OK.setdefault(max_key_len, set())
+    if len(known) + len(values) > _KEYS_OK_MAX:
+        known.clear()
+    known.update(values)
 
 
 def peek_seq(raw: bytes) -> tuple[str, int] | None:

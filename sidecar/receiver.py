@@ -31,6 +31,7 @@ from client.protocol import (
     Control,
     Hello,
     Metrics,
+    MetricsFields,
     Ping,
     ProtocolError,
     Refused,
@@ -39,6 +40,7 @@ from client.protocol import (
     Trailing,
     decode_request,
     decode_unpacked,
+    metrics_fields,
 )
 
 from .commit import commit, rollback
@@ -152,17 +154,23 @@ class Receiver:
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(raw))
         unpacker.feed(raw)
         limits = self.limits
+        unpack, tell, size, append_metrics = unpacker.unpack, unpacker.tell, len(raw), self.ledger.append_metrics
+        # The session (and its run) whose frame this batch stored last: its next metrics frame
+        # is stored here at once, as ``_metrics`` would store it (its identity, last_seen and
+        # ack were set by that frame, and nothing between the two can have changed them).
+        sess: Session | None = None
+        run: RunState | None = None
         start, index = 0, 0
-        while start < len(raw):
+        while start < size:
             try:
-                obj = unpacker.unpack()
+                obj = unpack()
             except Exception as err:  # msgpack raises several unrelated types; OutOfData: a torn tail
                 what = "a torn frame" if isinstance(err, msgpack.OutOfData) else f"not msgpack ({type(err).__name__})"
                 self._reject(
                     identity, ProtocolError("malformed", f"batch: {what} at byte {start} of {len(raw)}; rest dropped")
                 )
                 return
-            end = unpacker.tell()
+            end = tell()
             frame = raw[start:end]
             start = end
             if index == 0 and not (type(obj) is dict and obj.get("t") in SEQ_TYPES):
@@ -171,14 +179,23 @@ class Receiver:
                 return
             index += 1
             try:
-                msg = decode_unpacked(obj, len(frame), limits)
-                if msg.t not in SEQ_TYPES:  # a hello, ping or control request travels alone
-                    raise ProtocolError("malformed", f"a {msg.t} frame inside a batch (it travels alone)")
+                # most frames are metrics: validated to their fields, no Metrics built
+                fields = metrics_fields(obj, len(frame), limits)
+                if fields is None:
+                    msg = decode_unpacked(obj, len(frame), limits)
+                    if msg.t not in SEQ_TYPES:  # a hello, ping or control request travels alone
+                        raise ProtocolError("malformed", f"a {msg.t} frame inside a batch (it travels alone)")
             except ProtocolError as bad:
                 if not self._refuse(identity, bad, frame):
                     self._reject(identity, bad, frame)
                 continue
-            self._frame(identity, msg, frame)  # type: ignore[arg-type]
+            if fields is None:
+                self._frame(identity, msg, frame)  # type: ignore[arg-type]
+            elif sess is not None and fields[1] == sess.seq + 1 and fields[0] == sess.session:
+                append_metrics(run, sess, fields[1], fields[2], fields[6], frame)  # type: ignore[arg-type]
+            else:
+                sess = self._metrics(identity, fields, frame)
+                run = self.ledger.runs[sess.run_id] if sess is not None else None
 
     def reply(self, identity: bytes, body: dict) -> None:
         """Answer a control request; it leaves with the next commit, as every reply does."""
@@ -297,27 +314,43 @@ class Receiver:
             self.outbox.send(identity, protocol.Nack(sess.session, sess.seq))
 
     def _frame(self, identity: bytes, msg: Metrics | ConfigUpdate | SummaryUpdate | Close, raw: bytes) -> None:
-        ledger = self.ledger
-        sess = ledger.sessions.get(msg.session)
+        sess = self._next(identity, msg.session, msg.seq)
+        if sess is not None:
+            ledger = self.ledger
+            ledger.append(ledger.runs[sess.run_id], msg, raw, sess)
+            self.outbox.acks[sess.session] = sess  # Outbox.ack, inlined: once per frame
+
+    def _metrics(self, identity: bytes, fields: MetricsFields, raw: bytes) -> Session | None:
+        """``_frame`` for a metrics frame of a batch, as its validated fields. Its session if
+        the frame was stored."""
+        session, seq, step, _kind, _time, _values, commit = fields
+        sess = self._next(identity, session, seq)
+        if sess is not None:
+            ledger = self.ledger
+            ledger.append_metrics(ledger.runs[sess.run_id], sess, seq, step, commit, raw)
+            self.outbox.acks[session] = sess
+        return sess
+
+    def _next(self, identity: bytes, session: str, seq: int) -> Session | None:
+        """The session whose next frame this is, for the caller to store it; None if the
+        frame was answered here (unknown session, resend, gap) and is not to be stored."""
+        sess = self.ledger.sessions.get(session)
         if sess is None:
             # e.g. the hello was lost with a dead connection: the client says hello again.
             self.outbox.send(
-                identity,
-                protocol.Error(msg.session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION),
+                identity, protocol.Error(session, "unknown session; say hello first", code=protocol.E_UNKNOWN_SESSION)
             )
-            return
+            return None
         sess.identity = identity
         sess.last_seen = _monotonic()
-        seq = msg.seq
         if seq <= sess.seq:  # a resend of what we have
             self.duplicates += 1
             self.outbox.acks[sess.session] = sess
-            return
+            return None
         if seq > sess.seq + 1:  # frames in between were lost on the way
             self._nack(identity, sess)
-            return
-        ledger.append(ledger.runs[sess.run_id], msg, raw, sess)
-        self.outbox.acks[sess.session] = sess  # Outbox.ack, inlined: once per frame
+            return None
+        return sess
 
     # ---------------------------------------------------------------- dead trainers
 

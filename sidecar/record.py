@@ -116,14 +116,19 @@ class RunRecord:
             self.closed = False  # a new session after a close re-opens the run (resume)
             self.exit_code = None
         elif isinstance(msg, Metrics):
-            self.received += 1
-            if self.clock.place(msg.session, msg.step, msg.commit)[1] == "late":
-                self.late += 1
+            self.apply_metrics(msg.session, msg.step, msg.commit)
         elif isinstance(msg, Close):
             self.closed = True
             self.exit_code = msg.exit_code
         elif isinstance(msg, Refused):
             self.refused += 1
+
+    def apply_metrics(self, session: str, step: int | None, commit: bool) -> None:
+        """``apply`` for a metrics record, given only what it needs of it (the receiver's
+        batch loop builds no Metrics)."""
+        self.received += 1
+        if self.clock.place(session, step, commit)[1] == "late":
+            self.late += 1
 
     @property
     def last_step(self) -> int | None:

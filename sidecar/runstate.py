@@ -107,6 +107,17 @@ class Ledger:
         self.unsynced = True
         return True
 
+    def append_metrics(
+        self, run: RunState, sess: Session, seq: int, step: int | None, commit: bool, raw: bytes
+    ) -> None:
+        """``append`` for a client's metrics frame, given its validated fields
+        (protocol.metrics_fields) instead of a Metrics: the receiver's hot path."""
+        run.spool.log.append(raw)
+        sess.seq = seq
+        run.apply_metrics(sess.session, step, commit)
+        run.dirty = True
+        self.unsynced = True
+
     def disk_failed(self, run_id: str, exc: OSError) -> None:
         reason = f"spool write failed for run {run_id}: {exc}"
         if reason != self.disk_error:

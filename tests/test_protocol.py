@@ -88,3 +88,19 @@ def test_hello_rules():
     with pytest.raises(ProtocolError) as e:
         decode_request(msgpack.packb(big), Limits(max_hello_bytes=100_000))
     assert e.value.reason == "oversize"
+
+
+def test_known_keys_do_not_pass_a_stricter_limit():
+    """Keys that passed once are remembered (metrics_fields' key cache) per max_key_len:
+    a key good under one limit is still refused under a stricter one, and a new key is
+    still checked in full."""
+    frame = protocol.encode_metrics("sess0001", 1, 0, "train", 1.0, {"k" * 10: 1.0, "a": 2})
+    assert decode_request(frame, Limits(max_key_len=10)).values == {"k" * 10: 1.0, "a": 2}
+    with pytest.raises(ProtocolError) as err:
+        decode_request(frame, Limits(max_key_len=9))
+    assert err.value.reason == "bad_value"
+    fresh = protocol.encode_metrics("sess0001", 2, 0, "train", 1.0, {"k" * 10: 1.0, "": 2})
+    with pytest.raises(ProtocolError):
+        decode_request(fresh, Limits(max_key_len=10))
+    fields = protocol.metrics_fields(msgpack.unpackb(frame), len(frame), Limits(max_key_len=10))
+    assert fields == ("sess0001", 1, 0, "train", 1.0, {"k" * 10: 1.0, "a": 2}, True)
