@@ -494,8 +494,7 @@ class MetricsClient:
             sent=c.sent,
             acked=c.acked,
             buffered=t.buffered,
-            # + frames the outbox's maxlen pushed out that the sender has not noticed yet
-            dropped=c.dropped + max(0, self._last_seq - c.highest_seen - len(self._outbox) - len(t._held)),
+            dropped=c.dropped + t.unnoticed_drops(self._last_seq),
             dropped_values=self._dropped_values,
             errors=self._errors,
             refused=c.refused,

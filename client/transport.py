@@ -163,6 +163,11 @@ class Transport(threading.Thread):
     def buffered(self) -> int:
         return len(self.outbox) + len(self._held) + (self._end - self._base) + self._gone_n
 
+    def unnoticed_drops(self, last_seq: int) -> int:
+        """Frames up to ``last_seq`` that the outbox's maxlen pushed out before this thread
+        took them (it counts them in ``dropped`` once it notices the gap)."""
+        return max(0, last_seq - self.counters.highest_seen - len(self.outbox) - len(self._held))
+
     def wake(self) -> None:
         """Have the sender look at its work now rather than at its next tick."""
         with self._wake_lock:
