@@ -284,12 +284,14 @@ class MetricsClient:
             last = len(parts) - 1
             for i, part in enumerate(parts):
                 seq = next(self._seq)
-                # a split step=None row stays one row: only its last frame commits
-                frame = protocol.encode_metrics(self._session, seq, step, kind, now, part, commit and i == last)
-                # Packed here, not in the sender: a (seq, bytes) pair is invisible to the
-                # garbage collector, while a queued dict would make every full
-                # collection of the trainer walk the backlog.
-                self._outbox.append((seq, frame))
+                # Packed here, not in the sender, and queued bare: bytes are no work for
+                # the trainer's garbage collector, while any container that waits in the
+                # outbox counts toward its next collection (a full one walks the whole
+                # heap). The sender reads the seq from the frame. A split step=None row
+                # stays one row: only its last frame commits.
+                self._outbox.append(
+                    protocol.encode_metrics(self._session, seq, step, kind, now, part, commit and i == last)
+                )
                 self._last_seq = seq
             self._logged += 1
         except Exception:

@@ -52,6 +52,7 @@ import functools
 import math
 import re
 import secrets
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Union
 
@@ -262,6 +263,22 @@ def encode_metrics(
     if not commit:
         body["commit"] = False
     return msgpack.packb(body, use_bin_type=True)
+
+
+def metrics_seq_offset(session: str) -> int:
+    """Where ``encode_metrics`` puts the seq in a frame of ``session``: its map starts with
+    v, t, session and seq, in that order, so the offset is the same for every frame."""
+    head = {"v": PROTOCOL_VERSION, "t": "metrics", "session": session, "seq": 0}
+    return len(msgpack.packb(head, use_bin_type=True)) - 1  # the map header's size does not change
+
+
+_UINTS = {0xCC: struct.Struct(">B"), 0xCD: struct.Struct(">H"), 0xCE: struct.Struct(">I"), 0xCF: struct.Struct(">Q")}
+
+
+def metrics_seq(frame: bytes, offset: int) -> int:
+    """The seq of an ``encode_metrics`` frame, read in place (``offset``: metrics_seq_offset)."""
+    code = frame[offset]
+    return code if code < 0x80 else _UINTS[code].unpack_from(frame, offset + 1)[0]
 
 
 # --------------------------------------------------------------------- decoding

@@ -1,7 +1,8 @@
 """The client's background sender: one thread that owns the ZeroMQ socket.
 
 ``MetricsClient.log`` only appends to ``outbox`` (a bounded deque, safe to
-append to from any thread under the GIL); everything that can wait — packing,
+append to from any thread under the GIL) its packed metrics frames, bare, and
+the other messages as (seq, frame) pairs; everything that can wait — packing,
 sending, acks, resends, reconnects — happens here, so the train loop never
 touches a socket.
 
@@ -112,7 +113,8 @@ class Transport(threading.Thread):
         super().__init__(name="kforge-sidecar-client", daemon=True)
         self.address = address
         self.session = session
-        self.outbox = outbox
+        self.outbox = outbox  # metrics frames (bytes), or (seq, frame) pairs for the others
+        self._seq_at = protocol.metrics_seq_offset(session)
         self.capacity = capacity
         self.counters = Counters()
         self._hello = hello
@@ -236,14 +238,15 @@ class Transport(threading.Thread):
                     busy = self.outbox or self._end > self._base or self._held or self._gone_n
                     tick = self.BUSY_TICK_MS if busy else self.IDLE_TICK_MS
                 ready = dict(poller.poll(tick))
+                # One deadline for the whole burst, replies included: the train loop
+                # waits for all of it when it wants the GIL back.
+                deadline = clock() + self.BURST
                 if self._wake_r in ready:
                     self._drain_wake()
                 if monitor in ready:
                     self._on_monitor(monitor)
-                if sock in ready:
-                    self._receive(sock)
-                deadline = clock() + self.BURST
-                more = self._drain_outbox(deadline)
+                more = sock in ready and self._receive(sock, deadline)
+                more = self._drain_outbox(deadline) or more
                 self._bound()
                 if not self._fatal:
                     more = self._send(sock, deadline) or more
@@ -273,12 +276,16 @@ class Transport(threading.Thread):
                 # in flight on the old one may be lost, so start over from hello.
                 self._rewind()
 
-    def _receive(self, sock: zmq.Socket) -> None:
+    def _receive(self, sock: zmq.Socket, deadline: float) -> bool:
+        """The sidecar's replies, until none is left (False) or ``deadline`` (True: more may wait)."""
+        clock = time.perf_counter
         while True:
+            if clock() > deadline:
+                return True
             try:
                 raw = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             try:
                 msg = protocol.decode_response(raw)
             except protocol.ProtocolError as exc:
@@ -394,20 +401,23 @@ class Transport(threading.Thread):
             self._admit(held)
             if self._held:
                 return False
-        outbox = self.outbox
+        outbox, at = self.outbox, self._seq_at
         clock = time.perf_counter
         while outbox:
             # Only this thread pops, so n entries are there; the pops run in C, in one go.
             n = min(len(outbox), self.CHUNK_FRAMES)
-            items = list(starmap(outbox.popleft, repeat((), n)))
-            seqs, frames = zip(*items)
-            first = seqs[0]
-            if first == self._end and seqs[-1] - first == n - 1 and set(map(type, frames)) == {bytes}:
-                self._append(first, frames)  # the common case: consecutive, all packed
-            else:
-                self._admit(items)
-                if self._held:
-                    return False
+            entries = list(starmap(outbox.popleft, repeat((), n)))
+            if set(map(type, entries)) == {bytes}:  # log()'s metrics frames, queued bare
+                first = protocol.metrics_seq(entries[0], at)
+                # seqs only grow in the outbox: first and last tell whether the maxlen pushed any out
+                if first == self._end and protocol.metrics_seq(entries[-1], at) - first == n - 1:
+                    self._append(first, entries)  # the common case: consecutive, all packed
+                    if clock() > deadline:
+                        break
+                    continue
+            self._admit([(protocol.metrics_seq(e, at), e) if type(e) is bytes else e for e in entries])
+            if self._held:
+                return False
             if clock() > deadline:
                 break
         return bool(outbox)

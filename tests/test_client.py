@@ -47,8 +47,9 @@ def test_value_coercion_and_dropping(nowhere, caplog):
                 step=np.int64(step),
             )  # fmt: skip
     assert mc._outbox, "frames were queued"
-    seq, raw = mc._outbox[0]
+    raw = mc._outbox[0]  # a metrics frame waits bare: the sender reads its seq in place
     frame = protocol.decode_request(raw)  # what the sidecar will see
+    seq = protocol.metrics_seq(raw, protocol.metrics_seq_offset(mc._session))
     assert (seq, frame.seq, frame.kind, frame.step) == (1, 1, "train", 0)
     values = frame.values
     assert values == {"py": 1.5, "int": 3, "bool": True, "np64": 0.25, "np32": 0.5, "npint": 7,
@@ -58,7 +59,7 @@ def test_value_coercion_and_dropping(nowhere, caplog):
     assert len(dropped) == 4, dropped  # one warning per key, not per call
     assert mc.stats().dropped_values == 12
     mc.log({"huge": 2**70, "ok": 1.0}, step=5)  # beyond 64 bits: the float wandb itself stores
-    assert protocol.decode_request(mc._outbox[-1][1]).values == {"huge": float(2**70), "ok": 1.0}
+    assert protocol.decode_request(mc._outbox[-1]).values == {"huge": float(2**70), "ok": 1.0}
     mc.close(timeout=0.2)
 
 

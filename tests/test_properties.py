@@ -67,7 +67,17 @@ configs = st.recursive(
 
 
 def _accepted(mc: MetricsClient) -> list:
-    frames = [protocol.decode_request(raw) for _, raw in mc._outbox]  # raises ProtocolError if refused
+    """The queued frames, decoded as the sidecar does (raises ProtocolError if it would refuse
+    one); a metrics frame's seq, which the sender reads in place, must be the one it carries."""
+    at = protocol.metrics_seq_offset(mc._session)
+    frames = []
+    for entry in mc._outbox:
+        if type(entry) is bytes:  # log()'s metrics frames wait bare
+            frame = protocol.decode_request(entry)
+            assert protocol.metrics_seq(entry, at) == frame.seq
+        else:
+            frame = protocol.decode_request(entry[1])
+        frames.append(frame)
     mc._outbox.clear()
     return frames
 

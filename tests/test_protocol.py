@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client import protocol
 from client.protocol import Close, Hello, Limits, Metrics, ProtocolError, decode_request
@@ -104,3 +106,18 @@ def test_known_keys_do_not_pass_a_stricter_limit():
         decode_request(fresh, Limits(max_key_len=10))
     fields = protocol.metrics_fields(msgpack.unpackb(frame), len(frame), Limits(max_key_len=10))
     assert fields == ("sess0001", 1, 0, "train", 1.0, {"k" * 10: 1.0, "a": 2}, True)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    session=st.from_regex(protocol.SESSION_RE, fullmatch=True),
+    seq=st.one_of(st.integers(1, 300), st.integers(1, protocol.INT64_MAX)),
+    step=st.one_of(st.none(), st.integers(0, protocol.INT64_MAX)),
+    commit=st.booleans(),
+)
+def test_the_sender_reads_a_metrics_frames_seq_in_place(session, seq, step, commit):
+    """log() queues metrics frames bare; the sender reads each one's seq at a fixed offset.
+    Every integer width msgpack picks (fixint, uint8 .. uint64) must read back exactly."""
+    frame = protocol.encode_metrics(session, seq, step, "train", 1.5, {"loss": 1.0}, commit)
+    assert protocol.metrics_seq(frame, protocol.metrics_seq_offset(session)) == seq
+    assert decode_request(frame).seq == seq
