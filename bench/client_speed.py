@@ -64,12 +64,13 @@ def _lat_summary(ns: list[int], prefix: str = "") -> dict:
 
 
 def timed_split(call, calls: int, threads: tuple[threading.Thread, ...] = (), warmup: int = 2000):
-    """Nanoseconds of each call in a tight loop (as _common.timed), and each one's "own" time: the CPU time the calling thread
-    spent in it plus what ``threads`` (the client's sender) spent meanwhile, the most they
-    could have held the GIL. What is left of the wall time is time no thread of this
-    process ran: the OS or the hypervisor gave the core to someone else (the machine's
-    other load, which no library controls). The clock reads are inside the window, so
-    their microsecond counts against the call."""
+    """Nanoseconds of each call in a tight loop (as _common.timed), and of each one's "own"
+    time: the CPU time of the calling thread in it plus what ``threads`` (the client's
+    sender) used meanwhile, an upper bound on their GIL holding, since CPU time in C with
+    the GIL released counts too. What is left of the wall time is time no thread of ours
+    ran: the OS or the hypervisor gave the core to something else (the machine's other
+    load, which no library controls). The clock reads are inside the window, so their
+    microseconds count against the call."""
     for i in range(warmup):
         call(DICTS[i % 1000], i)
     ids = [time.pthread_getcpuclockid(t.ident) for t in threads]
