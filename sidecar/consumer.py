@@ -36,20 +36,24 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
-from client.protocol import Close, ConfigUpdate, Hello, Metrics, ProtocolError, SummaryUpdate
+from client.protocol import Close, ConfigUpdate, Hello, Metrics, ProtocolError, Record, SummaryUpdate
 
 from .config import UploaderConfig
 from .exits import EXIT_DONE, EXIT_RETRY
 from .record import decode_trusted
 from .spool import Heartbeat, RunMeta, RunSpool, UploadState
+from .spool import Record as SpoolRecord
 from .steps import StepClock
 from .wandb_errors import Permanent, Transient
 from .wandb_session import TRAINER_STEP, WandbSession
 
 log = logging.getLogger("kforge_sidecar.uploader")
+
+DECODE_AHEAD = 512  # spool records decoded in one go (see Uploader._messages)
 
 
 class Uploader:
@@ -113,10 +117,10 @@ class Uploader:
         try:
             while True:
                 draining = self.draining or self.cfg.sync or os.getppid() != self._parent
-                for rec in self.spool.log.records(self._handed_offset):
-                    if not self._record(meta, rec.payload, rec.end):
+                for end, msg in self._messages(self._handed_offset):
+                    if not self._record(meta, msg, end):
                         return EXIT_DONE
-                    self._handed_offset = rec.end
+                    self._handed_offset = end
                     self._offset_clock = self._clock.snapshot()
                     if time.monotonic() - self._last_save >= self.cfg.heartbeat:
                         self._save()
@@ -142,13 +146,27 @@ class Uploader:
             log.warning("run %s: %s; a fresh uploader will retry", self.spool.run_id, exc)
             return EXIT_RETRY
 
-    def _record(self, meta: RunMeta, payload: bytes, end: int) -> bool:
+    def _messages(self, offset: int) -> Iterator[tuple[int, Record]]:
+        """The spool's records from ``offset`` on, as (end offset, message), decoded
+        ``DECODE_AHEAD`` at a time. Measured: decoding each record between two
+        ``run.log`` calls costs wandb's hand-off to its own I/O thread several times
+        the decode itself; in blocks, the loop that feeds wandb is as lean as a bare
+        one. What is decoded and not handed (the uploader stops) is read again next time."""
+        records = self.spool.log.records(offset)
+        while block := list(islice(records, DECODE_AHEAD)):
+            yield from [(rec.end, self._decode(rec)) for rec in block]
+
+    def _decode(self, rec: SpoolRecord) -> Record | None:
+        try:
+            return decode_trusted(rec.payload)
+        except ProtocolError as exc:  # cannot happen for records the receiver wrote; never a reason to die
+            log.error("run %s: unreadable spool record before offset %d skipped: %s", self.spool.run_id, rec.end, exc)
+            return None
+
+    def _record(self, meta: RunMeta, msg: Record | None, end: int) -> bool:
         """Hand one spool record to wandb. False when this uploader is done (run finished,
         the sentinel, or a segment closed for a rewind)."""
-        try:
-            msg = decode_trusted(payload)
-        except ProtocolError as exc:  # cannot happen for records the receiver wrote; never a reason to die
-            log.error("run %s: unreadable spool record before offset %d skipped: %s", self.spool.run_id, end, exc)
+        if msg is None:  # unreadable: skipped
             return True
         if type(msg) is Metrics:
             before = self._clock.top
