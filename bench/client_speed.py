@@ -63,28 +63,42 @@ def _lat_summary(ns: list[int], prefix: str = "") -> dict:
     }
 
 
-def timed_split(call, calls: int, threads: tuple[threading.Thread, ...] = (), warmup: int = 2000):
+def timed_split(call, calls: int, holds: list[tuple[int, int, int]] | None = None, warmup: int = 2000):
     """Nanoseconds of each call in a tight loop (as _common.timed), and of each one's "own"
-    time: the CPU time of the calling thread in it plus what ``threads`` (the client's
-    sender) used meanwhile, an upper bound on their GIL holding, since CPU time in C with
-    the GIL released counts too. What is left of the wall time is time no thread of ours
-    ran: the OS or the hypervisor gave the core to something else (the machine's other
-    load, which no library controls). The clock reads are inside the window, so their
-    microseconds count against the call."""
+    time: the calling thread's CPU time in it, plus the part of it during which the sender
+    held the GIL (``holds``: _watch_holds). What is left of the wall time is time no
+    thread of ours ran: the OS or the hypervisor gave the core to something else (the
+    machine's other load, which no library controls). The clock reads are inside the
+    window, so their microsecond counts against the call."""
     for i in range(warmup):
         call(DICTS[i % 1000], i)
-    ids = [time.pthread_getcpuclockid(t.ident) for t in threads]
-    walls, owns = [0] * calls, [0] * calls
-    clock, cpu, other = time.perf_counter_ns, time.thread_time_ns, time.clock_gettime_ns
+    if holds is not None:
+        del holds[:]
+    windows, cpus = [0] * calls, [0] * calls
+    clock, cpu = time.perf_counter_ns, time.thread_time_ns
     for i in range(calls):
         d = DICTS[i % 1000]
         t0 = clock()
-        c0 = cpu() + sum(other(c) for c in ids)
+        c0 = cpu()
         call(d, warmup + i)
-        c1 = cpu() + sum(other(c) for c in ids)
-        walls[i] = clock() - t0
-        owns[i] = c1 - c0
-    return walls, owns
+        cpus[i] = cpu() - c0
+        windows[i] = (t0, clock())
+    walls = [t1 - t0 for t0, t1 in windows]
+    held = _overlaps(windows, [(h0, h1) for h0, h1, _ in holds or ()])
+    return walls, [c + h for c, h in zip(cpus, held)]
+
+
+def _overlaps(windows: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """For each window, how long ``spans`` cover it (both sorted, neither overlapping itself)."""
+    out, j = [0] * len(windows), 0
+    for i, (w0, w1) in enumerate(windows):
+        while j < len(spans) and spans[j][1] <= w0:
+            j += 1
+        k = j
+        while k < len(spans) and spans[k][0] < w1:
+            out[i] += min(w1, spans[k][1]) - max(w0, spans[k][0])
+            k += 1
+    return out
 
 
 def _split_summary(walls: list[int], owns: list[int]) -> dict:
@@ -103,45 +117,66 @@ def _client(address: str, name: str, buffer_size: int):
 # ------------------------------------------------------------------ children (one process each)
 
 
-def _watch_bursts() -> list[int]:
-    """The sender's bursts (drain, bound, send: the GIL held between two waits), in
-    thread CPU time: what the train loop can wait for, without the machine's other load."""
-    from client.transport import Transport
+def _watch_holds() -> list[tuple[int, int, int]]:
+    """The sender thread's GIL holdings: (start, end, CPU ns) from each return of one of its
+    blocking calls (a poll, a pause) to the next. The stamps are taken holding the GIL: after
+    the call returned, before the next one is made."""
+    import zmq
 
-    bursts: list[int] = []
-    drain, send = Transport._drain_outbox, Transport._send
-    began = [0]
+    holds: list[tuple[int, int, int]] = []
+    began = [0, 0]
+    sender = "kforge-sidecar-client"
 
-    def timed_drain(self, *a):
-        began[0] = time.thread_time_ns()
-        return drain(self, *a)
+    def blocking(real):
+        def wrapper(*a, **kw):
+            mine = threading.current_thread().name == sender
+            if mine and began[0]:
+                holds.append((began[0], time.perf_counter_ns(), time.thread_time_ns() - began[1]))
+            try:
+                return real(*a, **kw)
+            finally:
+                if mine:
+                    began[0], began[1] = time.perf_counter_ns(), time.thread_time_ns()
 
-    def timed_send(self, *a):
-        try:
-            return send(self, *a)
-        finally:
-            bursts.append(time.thread_time_ns() - began[0])
+        return wrapper
 
-    Transport._drain_outbox, Transport._send = timed_drain, timed_send
-    return bursts
+    zmq.Poller.poll = blocking(zmq.Poller.poll)
+    time.sleep = blocking(time.sleep)  # this child process only; the wrapper looks at the sender's calls alone
+    return holds
 
 
-def child_log_max(work: Path, calls: int) -> dict:
+def _start_sidecar_apart(work: Path, address: str, pin: bool, **kw) -> subprocess.Popen:
+    """The bench's sidecar; with ``pin``, the sidecar (and what it starts) on core 0 and this
+    process's threads, those it starts later included, on the others: a node where the
+    sidecar does not share the train loop's core."""
+    import os
+
+    if not pin:
+        return start_sidecar(work, address, *FAST_STOP, **kw)
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:1])
+    try:
+        return start_sidecar(work, address, *FAST_STOP, **kw)
+    finally:
+        os.sched_setaffinity(0, cores[1:])
+
+
+def child_log_max(work: Path, calls: int, pin: bool = False) -> dict:
     address = f"ipc://{work}/s.sock"
-    sc = start_sidecar(work, address, *FAST_STOP)
-    bursts = _watch_bursts()
+    sc = _start_sidecar_apart(work, address, pin)
+    holds = _watch_holds()
     try:
         mc = _client(address, "log-max", max(calls + 10_000, 100_000))
-        del bursts[:]
-        walls, owns = timed_split(mc.log, calls, (mc._transport,))
-        timed_bursts = sorted(bursts)
+        walls, owns = timed_split(mc.log, calls, holds)
+        spans = sorted(h1 - h0 for h0, h1, _ in holds)
+        cpu = sorted(c for _, _, c in holds)
         ok = mc.close(timeout=120)
         return _split_summary(walls, owns) | {
             "closed": ok,
             "dropped": mc.stats().dropped,
-            "sender_bursts": len(timed_bursts),
-            "sender_burst_cpu_max_us": timed_bursts[-1] / 1000 if timed_bursts else 0.0,
-            "sender_burst_cpu_p999_us": timed_bursts[int(len(timed_bursts) * 0.999)] / 1000 if timed_bursts else 0.0,
+            "sender_holds": len(spans),
+            "sender_hold_max_us": spans[-1] / 1000 if spans else 0.0,
+            "sender_hold_cpu_max_us": cpu[-1] / 1000 if cpu else 0.0,
         }
     finally:
         stop_process(sc, grace=120, group=True)
@@ -171,7 +206,7 @@ def child_raw_max(work: Path, calls: int) -> dict:
         return _split_summary(*timed_split(_raw_send(sock, "benchbenchbench0"), calls))
 
 
-def child_raw_sidecar_max(work: Path, calls: int) -> dict:
+def child_raw_sidecar_max(work: Path, calls: int, pin: bool = False) -> dict:
     """The raw send to a real sidecar (a DEALER after a hello, replies never read): the same
     machine load as log-max (the sidecar's receiver, uploader and wandb-core at work)."""
     import os
@@ -182,7 +217,7 @@ def child_raw_sidecar_max(work: Path, calls: int) -> dict:
     from client import protocol
 
     address = f"ipc://{work}/s.sock"
-    sc = start_sidecar(work, address, *FAST_STOP, wait=True)
+    sc = _start_sidecar_apart(work, address, pin, wait=True)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -301,9 +336,9 @@ def child_wandb_finish(work: Path, trials: int) -> dict:
 
 
 CHILDREN = {
-    "log-max": lambda w, a: child_log_max(w, a.calls),
+    "log-max": lambda w, a: child_log_max(w, a.calls, a.pin),
     "raw-max": lambda w, a: child_raw_max(w, a.calls),
-    "raw-sidecar-max": lambda w, a: child_raw_sidecar_max(w, a.calls),
+    "raw-sidecar-max": lambda w, a: child_raw_sidecar_max(w, a.calls, a.pin),
     "overflow": lambda w, a: child_overflow(w, a.frames, a.buffer, a.pace),
     "memory": lambda w, a: child_memory(w, a.calls),
     "close": lambda w, a: child_close(w, a.trials),
@@ -348,6 +383,7 @@ def main() -> int:
     p.add_argument("--buffer", type=int, default=100_000)
     p.add_argument("--pace", type=int, default=200)
     p.add_argument("--trials", type=int, default=7)
+    p.add_argument("--pin", action="store_true", help="(children) the sidecar on core 0, the trainer on the others")
     a = p.parse_args()
     if a.child:
         child(a)
@@ -362,37 +398,38 @@ def main() -> int:
     def say(what: str) -> None:
         print(what, file=sys.stderr, flush=True)
 
-    # 1. log() worst case vs raw ZeroMQ, to the same sidecar and to a bare sink
+    # 1. log() worst case vs raw ZeroMQ, to the same sidecar (sharing the cores, and on a
+    # core of its own) and to a bare sink
     say(f"log-max: {reps} x {calls} calls each, client and raw interleaved ...")
-    ours, raw, sink = [], [], []
+    runs: dict[str, list[dict]] = {k: [] for k in ("sink", "raw", "ours", "raw_apart", "ours_apart")}
     for _ in range(reps):
-        sink.append(run_child("raw-max", "--calls", str(calls)))
-        raw.append(run_child("raw-sidecar-max", "--calls", str(calls)))
-        ours.append(run_child("log-max", "--calls", str(calls)))
+        runs["sink"].append(run_child("raw-max", "--calls", str(calls)))
+        for pin in ((), ("--pin",)):
+            tail = "_apart" if pin else ""
+            runs["raw" + tail].append(run_child("raw-sidecar-max", "--calls", str(calls), *pin))
+            runs["ours" + tail].append(run_child("log-max", "--calls", str(calls), *pin))
     detail = {
-        "client_runs": ours,
-        "raw_sidecar_runs": raw,
-        "raw_sink_runs": sink,
-        "raw_sink_max_us": statistics.median(r["max_us"] for r in sink),
-        "raw_sink_own_max_us": statistics.median(r["own_max_us"] for r in sink),
+        "runs": runs,
+        "raw_sink_max_us": statistics.median(r["max_us"] for r in runs["sink"]),
+        "raw_sink_own_max_us": statistics.median(r["own_max_us"] for r in runs["sink"]),
         "note": "median of the runs' max; ratio = value/reference. The reference sends the same frames raw "
         "(encode + NOBLOCK send, replies never read) to a real sidecar, so both face the same machine load; "
-        "raw_sink_*: to a bare PULL sink instead. own_*: each call's CPU time in the calling thread plus "
-        "the sender thread's CPU time meanwhile (the most it could hold the GIL): the wall time less the time no "
-        "thread of the process ran (the OS or hypervisor ran something else), which no library controls. "
-        "sender_burst_cpu_*: the sender's bursts (drain to send) in thread CPU time",
+        "*_apart: the sidecar pinned to core 0, the trainer to the others (a node where the sidecar does not "
+        "share the train loop's core); raw_sink_*: to a bare PULL sink instead. own_*: each call's CPU time in "
+        "the calling thread plus the time in it during which the sender held the GIL: the wall time less the "
+        "time no thread of ours ran (the OS or the hypervisor ran something else), which no library controls. "
+        "sender_hold_*: the sender's longest GIL holding (from one blocking call to the next), wall and CPU",
     }
-    for key, what, ref_what in (
-        ("max_us", f"log() max over {calls} calls, healthy sidecar", "raw ZeroMQ encode+send max to the same sidecar"),
-        (
-            "own_max_us",
-            f"log() max over {calls} calls, healthy sidecar, CPU of the caller and the sender in it",
-            "raw ZeroMQ encode+send to the same sidecar, the same way",
-        ),
+    same = "raw ZeroMQ encode+send to the same sidecar"
+    for key, tail, what, ref_what in (
+        ("max_us", "", "healthy sidecar", same),
+        ("max_us", "_apart", "healthy sidecar on another core", same + ", the same way"),
+        ("own_max_us", "", "healthy sidecar: log()'s CPU and the sender's GIL holding in it", same + ", its CPU"),
     ):
-        v = statistics.median(r[key] for r in ours)
-        ref = statistics.median(r[key] for r in raw)
-        rows.append(row(what, v, "us", ref_what, ref, v / ref, "<= 1000 us", v <= 1000, detail))
+        v = statistics.median(r[key] for r in runs["ours" + tail])
+        ref = statistics.median(r[key] for r in runs["raw" + tail])
+        rows.append(row(f"log() max over {calls} calls, {what}", v, "us", ref_what, ref, v / ref, "<= 1000 us",
+                        v <= 1000, detail))  # fmt: skip
 
     # 2. delivery while the buffer overflows vs without overflow
     small = max(frames // 10, 1000)
