@@ -91,7 +91,7 @@ class Transport(threading.Thread):
     IDLE_TICK_MS = 25
     BURST = 0.0002  # seconds of work between two real waits, so the train loop never waits long for the GIL
     PAUSE = 0.0002  # the real wait between two bursts while more work is ready
-    CHUNK_FRAMES = 128  # frames moved from the outbox in one bulk
+    CHUNK_FRAMES = 64  # frames moved from the outbox in one bulk (a unit of a burst's work)
     SEND_RUN = 16  # frames sent one per part between two looks at the clock
     MERGE_BELOW = 32 * 1024  # a chunk smaller than this takes the next frames in (few, large chunks)
     INFLIGHT_MAX = 16_384  # frames sent and not yet acknowledged: bounds what waits inside ZeroMQ
@@ -239,17 +239,19 @@ class Transport(threading.Thread):
                     tick = self.BUSY_TICK_MS if busy else self.IDLE_TICK_MS
                 ready = dict(poller.poll(tick))
                 # One deadline for the whole burst, replies included: the train loop
-                # waits for all of it when it wants the GIL back.
+                # waits for all of it when it wants the GIL back. A stage whose turn
+                # comes after the deadline waits for the next burst (each stage that
+                # runs does at least one unit of work, so one unit each would add up).
                 deadline = clock() + self.BURST
                 if self._wake_r in ready:
                     self._drain_wake()
                 if monitor in ready:
                     self._on_monitor(monitor)
                 more = sock in ready and self._receive(sock, deadline)
-                more = self._drain_outbox(deadline) or more
+                more = (self._drain_outbox(deadline) if clock() < deadline else bool(self.outbox)) or more
                 self._bound()
                 if not self._fatal:
-                    more = self._send(sock, deadline) or more
+                    more = (self._send(sock, deadline) if clock() < deadline else True) or more
         except Exception:  # never let the sender die silently
             log.exception("kforge-sidecar client sender stopped")
         finally:
