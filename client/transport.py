@@ -94,7 +94,7 @@ class Transport(threading.Thread):
     CHUNK_FRAMES = 64  # frames moved from the outbox in one bulk (a unit of a burst's work)
     SEND_RUN = 16  # frames sent one per part between two looks at the clock
     MERGE_BELOW = 32 * 1024  # a chunk smaller than this takes the next frames in (few, large chunks)
-    INFLIGHT_MAX = 16_384  # frames sent and not yet acknowledged: bounds what waits inside ZeroMQ
+    INFLIGHT_MAX = 4096  # frames sent, not yet acked: what may wait in ZeroMQ, here and in the sidecar
     HELLO_AGAIN = 0.2  # seconds between two hellos that restart the stream (reconnects, nacks)
     DROP_HELLO_EVERY = 0.05  # seconds between two hellos that announce drops: each costs the sidecar a config decode
     HEARTBEAT = 5.0  # an idle client pings this often, so the sidecar knows it is alive
