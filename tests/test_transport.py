@@ -210,3 +210,51 @@ def test_frames_waiting_in_the_outbox_count_against_the_buffer_before_anything_i
             held[c.first + i] = c.data[c.ends[i - 1] if i else 0 : end]
     assert {s: held[s] for s in range(t._base, t._end)} == {s: frames[s] for s in range(201, 301)}
     t.close_wake_pipe()
+
+
+def test_bare_metrics_frames_that_the_outbox_pushed_out_are_counted_and_the_rest_kept_in_order():
+    """log() queues metrics frames bare; the sender reads their seqs in place. When the
+    outbox's maxlen pushed some out, the window keeps what follows them, consecutive, and
+    counts the lost ones as dropped; the rare other messages still come as (seq, frame)."""
+    session = "s" * 16
+    outbox: deque = deque(maxlen=100)
+    t = Transport("ipc:///nonexistent/kfs.sock", session, None, outbox, 1000, None, None)  # not started
+    frames = {s: protocol.encode_metrics(session, s, s, "train", 0.0, {"loss": float(s)}) for s in range(1, 151)}
+    outbox.extend(frames[s] for s in range(1, 121))  # 1-20 pushed out before the sender looked
+    frames[121] = protocol.encode(protocol.Close(session, 121))
+    outbox.append((121, frames[121]))  # a (seq, frame) pair among the bare frames
+    outbox.extend(frames[s] for s in range(122, 151))  # and 21-50 pushed out behind them
+    assert len(outbox) == 100 and outbox[70] == (121, frames[121])
+    while outbox:
+        t._drain_outbox(deadline=0)
+    assert (t._base, t._end, t.counters.dropped) == (51, 151, 50)
+    held = {}
+    for c in t._chunks:
+        for i, end in enumerate(c.ends):
+            held[c.first + i] = c.data[c.ends[i - 1] if i else 0 : end]
+    assert {s: held[s] for s in range(t._base, t._end)} == {s: frames[s] for s in range(51, 151)}
+    t.close_wake_pipe()
+
+
+def test_log_leaves_nothing_for_the_garbage_collector():
+    """A queued step must not count toward the trainer's next garbage collection: in a
+    process that imported torch a full collection walks hundreds of thousands of objects,
+    and the call that triggers it (ours, or the train loop's next allocation) waits."""
+    import gc
+
+    mc = MetricsClient(address="ipc:///nonexistent/kforge-gc.sock", buffer_size=10_000, rank=0)
+    mc._transport.stop(5)  # no sender: every frame stays queued, as in a backlog
+    values = {f"k{i}": float(i) for i in range(14)}
+    for step in range(100):
+        mc.log(values, step=step)  # warm: key caches and the like
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for step in range(100, 5100):
+            mc.log(values, step=step)
+        grown = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert len(mc._outbox) == 5100
+    assert grown < 50, f"5000 queued steps left {grown} objects for the collector"
+    mc.close(timeout=0)
