@@ -38,6 +38,14 @@ from .proc import try_lock
 
 log = logging.getLogger("kforge_sidecar.uploader")
 
+# wandb hands every run.log to its own I/O thread and waits for it, so the two
+# threads pass the GIL back and forth once a row; at the default 5 ms switch
+# interval one can wait that long for the other. This interpreter is ours alone
+# (a trainer could not do this without slowing its own threads). Draining a
+# 40k-row backlog on a 2-core machine, interleaved pairs: 0.5 ms beat the default
+# in 7 of 8 (by 6% at the median), and 0.1 ms beat 0.5 ms in 3 of 3.
+SWITCH_INTERVAL = 0.0001
+
 
 def _lock(run_dir: Path) -> int | None:
     """One uploader per run, even across a sidecar restart that left an old one behind."""
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", required=True, help="UploaderConfig as JSON (config.py; the supervisor and sync write it)"
     )
     cfg = UploaderConfig.from_json(p.parse_args(argv).config)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format=f"%(asctime)s %(levelname)s uploader[{cfg.run_dir.name}] %(message)s",
