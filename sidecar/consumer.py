@@ -128,17 +128,22 @@ class Uploader:
                         log.warning("run %s: drain time is up; the rest stays in the spool", self.spool.run_id)
                         break  # keep the rest of the deadline for finish()
                 self._save()
-                if draining or self.draining:
+                if draining:
                     # The job is ending, the sidecar is gone, or sync reached the
-                    # end: hand wandb what we have and stop. Frames that arrive
-                    # later stay in the spool for the next uploader.
+                    # end, and this pass began after that, so it read everything
+                    # stored before: hand wandb what we have and stop. Frames that
+                    # arrive later stay in the spool for the next uploader. (A drain
+                    # that began during the pass gets one more pass first: records
+                    # are read ahead of wandb, so the ones stored meanwhile, up to
+                    # the trainer's close, may not have been read yet.)
                     if self._wandb_open:
                         self._finish(None)
                     else:
                         self._trust_all()
                         self._save(force=True)
                     return EXIT_DONE
-                time.sleep(self.cfg.poll_interval)
+                if not self.draining:
+                    time.sleep(self.cfg.poll_interval)
         except Transient as exc:
             self.state.state = UploadState.RETRYING
             self.state.error = str(exc)
