@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,33 @@ def test_an_unreadable_record_is_skipped_not_a_crash(tmp_path):
     assert code == EXIT_DONE and st.state == UploadState.FINISHED
     assert [step for _v, step in FakeSession.sessions[0].logged] == [0, 1]
     assert st.offset == (run_dir / "frames.log").stat().st_size and st.trusted == 2
+
+
+def test_a_drain_that_begins_during_init_still_hands_wandb_everything_stored_before_it(tmp_path):
+    """Records are read ahead of wandb, the first block before wandb.init. A trainer that got
+    SIGTERM meanwhile stores its last frames and its close, and the sidecar drains: the
+    uploader must read on to that close before it finishes, not stop after the block it had."""
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 1), _metrics(2, 2), _metrics(3, 3))
+    cfg = UploaderConfig(run_dir=run_dir, init_timeout=5, finish_timeout=5, flush_interval=1, drain_timeout=5,
+                         log_level="INFO", system_metrics=False, sync=False, poll_interval=0.01)  # fmt: skip
+    up = Uploader(cfg, session=FakeSession)
+
+    class DrainDuringInit(FakeSession):
+        def start(self, state, trainer, rewind_to):
+            super().start(state, trainer, rewind_to)
+            log = Spool(run_dir.parent.parent).run(run_dir.name).log
+            log.open_for_append()
+            for seq in range(4, 11):
+                log.append(protocol.encode(_metrics(seq, seq)))
+            log.append(protocol.encode(Close(S, 11, exit_code=143)))
+            log.sync()
+            log.close()
+            up.draining, up._stop_at = True, time.monotonic()  # what the SIGTERM handler sets (without its alarm)
+
+    up._new_session = DrainDuringInit
+    assert up.serve() == EXIT_DONE
+    session = FakeSession.sessions[0]
+    assert [step for _, step in session.logged] == list(range(1, 11))
+    assert session.finished == [143]
+    st = up.spool.read_uploader()
+    assert st.state == UploadState.FINISHED and st.trusted == 10
