@@ -19,8 +19,9 @@ from conftest import all_history, children, finish_trainer, start_trainer, wait_
 from trainer import train_metrics
 
 from client import protocol
+from client.protocol import Metrics
 from devtools.fakewandb import FakeWandb
-from sidecar.record import decode_record
+from sidecar.record import decode_record, messages
 from sidecar.spool import Spool
 
 FAST = ("--retry-backoff", "0.5", "--retry-backoff-max", "2", "--heartbeat-timeout", "4")
@@ -278,8 +279,13 @@ def test_full_spool_stops_acks_clients_buffer_then_recover(env, sidecar, small_d
     assert "not acknowledging until the spool is writable" in sc.log()
     time.sleep(1.0)
     stuck = sc.status()["runs"][0]["received"]
-    time.sleep(1.0)
-    assert sc.status()["runs"][0]["received"] == stuck  # nothing acked that is not on disk
+    time.sleep(1.0)  # the trainer logs 100 frames in it
+    run = sc.status()["runs"][0]
+    # Nothing acknowledged that is not on disk: the count never passes what the spool file
+    # holds. It may creep by what still fits in the slack of the file's last block (the
+    # filler takes every free block, not that slack), far below the trainer's 100.
+    on_disk = sum(1 for _, msg in messages(Spool(env.spool).run(run["run_id"]).log) if type(msg) is Metrics)
+    assert stuck <= run["received"] <= on_disk and run["received"] - stuck < 25, (stuck, run["received"], on_disk)
     filler.unlink()  # space again
     out = finish_trainer(trainer, timeout=180)
     assert out["closed"] is True and out["stats"]["dropped"] == 0
