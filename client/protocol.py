@@ -496,6 +496,17 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = Fa
     return decode_unpacked(_unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes)), len(raw), limits, spool)
 
 
+def decode_part(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> MetricsFields | Request:
+    """``decode_request`` for the receiver's hot path: a metrics frame comes back as its
+    validated fields (``metrics_fields``' tuple), with no Metrics built; any other frame
+    as its message. The same checks, the same errors."""
+    obj = _unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes))
+    fields = metrics_fields(obj, len(raw), limits)
+    if fields is not None:
+        return fields
+    return _decode_other(obj, len(raw), limits, False)  # type: ignore[return-value]
+
+
 def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool: bool = False) -> Request | Refused:
     """``decode_request`` for a frame already unpacked (``size``: its length in bytes),
     as a batch's frames are: every check but msgpack's own is made here."""
@@ -506,6 +517,11 @@ def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool:
         msg = _new_metrics()
         msg.__dict__.update(zip(_METRICS_FIELDS, fields), t="metrics")
         return msg
+    return _decode_other(obj, size, limits, spool)
+
+
+def _decode_other(obj: Any, size: int, limits: Limits, spool: bool) -> Request | Refused:
+    """Every frame but a current-version metrics frame (``metrics_fields`` said no)."""
     obj = _versioned(obj)
     t = obj.get("t")
     limit = _frame_limit(t, limits)

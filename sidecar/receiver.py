@@ -38,7 +38,7 @@ from client.protocol import (
     Request,
     SummaryUpdate,
     Trailing,
-    decode_request,
+    decode_part,
     decode_unpacked,
     metrics_fields,
 )
@@ -100,7 +100,7 @@ class Receiver:
             return None
         identity, raw = parts
         try:
-            msg = decode_request(raw, self.limits)
+            msg = decode_part(raw, self.limits)
         except Trailing as exc:
             self._batch(identity, raw, exc)
             return None
@@ -110,8 +110,8 @@ class Receiver:
             elif not self._refuse(identity, exc, raw):
                 self._reject(identity, exc, raw)
             return None
-        if type(msg) is Metrics:
-            self._frame(identity, msg, raw)
+        if type(msg) is tuple:  # a metrics frame's validated fields
+            self._metrics(identity, msg, raw)
             return None
         return self._other(identity, msg, raw)
 
@@ -321,8 +321,8 @@ class Receiver:
             self.outbox.acks[sess.session] = sess  # Outbox.ack, inlined: once per frame
 
     def _metrics(self, identity: bytes, fields: MetricsFields, raw: bytes) -> Session | None:
-        """``_frame`` for a metrics frame of a batch, as its validated fields. Its session if
-        the frame was stored."""
+        """``_frame`` for a metrics frame, as its validated fields. Its session if the frame
+        was stored."""
         session, seq, step, _kind, _time, _values, commit = fields
         sess = self._next(identity, session, seq)
         if sess is not None:

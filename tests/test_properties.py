@@ -170,6 +170,25 @@ def mutated(draw) -> list[bytes]:
     return [raw, b"extra"] if tail == "parts" else [raw]
 
 
+@settings(max_examples=600, deadline=None, derandomize=True, database=None)
+@given(parts=mutated())
+def test_the_receivers_fast_decoder_agrees_with_decode_request(parts):
+    """``decode_part`` (the receiver's path for a frame alone) accepts and refuses exactly
+    what ``decode_request`` does, with the same error; a metrics frame as its fields."""
+    raw = parts[0]
+
+    def outcome(decode):
+        try:
+            return decode(raw)
+        except protocol.ProtocolError as exc:
+            return (type(exc).__name__, exc.reason, str(exc))
+
+    full, fast = outcome(protocol.decode_request), outcome(protocol.decode_part)
+    if isinstance(full, protocol.Metrics):
+        full = tuple(getattr(full, name) for name in ("session", "seq", "step", "kind", "time", "values", "commit"))
+    assert repr(fast) == repr(full)  # repr: a NaN in a config equals itself
+
+
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
