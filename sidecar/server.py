@@ -416,10 +416,13 @@ def _version() -> str:
 
 
 def _recv_multipart(recv: Any) -> list[bytes]:
-    """``Socket.recv_multipart(NOBLOCK)`` for the receive loop: each frame's ``more`` flag
-    instead of a getsockopt(RCVMORE) per part (pyzmq's way, twice the cost per message)."""
+    """``Socket.recv_multipart(NOBLOCK)`` for the receive loop. A ROUTER message always
+    starts with the sender's identity and has a part after it, so the identity is read as
+    bytes (copy=True, the cheapest recv); the parts after it as frames, whose ``more`` flag
+    says whether another follows (pyzmq's way is a getsockopt(RCVMORE) per part)."""
+    parts = [recv(_NOBLOCK)]
     frame = recv(_NOBLOCK, copy=False)
-    parts = [frame.bytes]
+    parts.append(frame.bytes)
     while frame.more:
         frame = recv(_NOBLOCK, copy=False)
         parts.append(frame.bytes)
