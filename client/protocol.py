@@ -105,6 +105,11 @@ class Limits:
     max_config_depth: int = 32
     max_batch_bytes: int = 1024 * 1024  # one ZeroMQ part of back-to-back frames (see the module doc)
 
+    @functools.cached_property
+    def max_alone(self) -> int:
+        """The largest frame accepted alone, of any type (a hello may be the largest)."""
+        return max(self.max_frame_bytes, self.max_hello_bytes)
+
 
 DEFAULT_LIMITS = Limits()
 
@@ -493,14 +498,14 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = Fa
     ``spool`` also admits the receiver's own ``refused`` records (reading frames.log).
     A part holding more than one object raises ``Trailing`` (a batch, to the receiver).
     """
-    return decode_unpacked(_unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes)), len(raw), limits, spool)
+    return decode_unpacked(_unpack(raw, limits.max_alone), len(raw), limits, spool)
 
 
 def decode_part(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> MetricsFields | Request:
     """``decode_request`` for the receiver's hot path: a metrics frame comes back as its
     validated fields (``metrics_fields``' tuple), with no Metrics built; any other frame
     as its message. The same checks, the same errors."""
-    obj = _unpack(raw, max(limits.max_frame_bytes, limits.max_hello_bytes))
+    obj = _unpack(raw, limits.max_alone)
     fields = metrics_fields(obj, len(raw), limits)
     if fields is not None:
         return fields

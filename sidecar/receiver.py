@@ -69,7 +69,6 @@ class Receiver:
         self.rejected: Counter[str] = Counter()
         self.duplicates = 0
         self._last_reject_log: dict[str, float] = {}
-        self._max_frame = max(limits.max_frame_bytes, limits.max_hello_bytes)  # one frame alone, of any type
 
     @property
     def runs(self) -> dict[str, RunState]:
@@ -105,7 +104,7 @@ class Receiver:
             self._batch(identity, raw, exc)
             return None
         except ProtocolError as exc:
-            if len(raw) > self._max_frame and len(raw) <= self.limits.max_batch_bytes:
+            if len(raw) > self.limits.max_alone and len(raw) <= self.limits.max_batch_bytes:
                 self._batch(identity, raw, exc)  # too large for one frame; a batch may be this large
             elif not self._refuse(identity, exc, raw):
                 self._reject(identity, exc, raw)
