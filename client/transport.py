@@ -251,7 +251,7 @@ class Transport(threading.Thread):
                 more = (self._drain_outbox(deadline) if clock() < deadline else bool(self.outbox)) or more
                 self._bound()
                 if not self._fatal:
-                    more = (self._send(sock, deadline) if clock() < deadline else True) or more
+                    more = (self._send(sock, deadline) if clock() < deadline else self._sendable()) or more
         except Exception:  # never let the sender die silently
             log.exception("kforge-sidecar client sender stopped")
         finally:
@@ -544,7 +544,7 @@ class Transport(threading.Thread):
                 pass
         clock = time.perf_counter
         while self._cursor < self._end:
-            room = self.INFLIGHT_MAX - (self._cursor - self._base) - self._gone_n
+            room = self._room()
             if room <= 0:
                 return False  # the acks will wake us
             chunk = self._cursor_chunk()
@@ -562,6 +562,16 @@ class Transport(threading.Thread):
             if clock() > deadline:
                 break
         return self._cursor < self._end
+
+    def _room(self) -> int:
+        """Frames that may still be sent before the in-flight limit."""
+        return self.INFLIGHT_MAX - (self._cursor - self._base) - self._gone_n
+
+    def _sendable(self) -> bool:
+        """Whether ``_send`` has frames to send now: for a burst whose deadline came before
+        its send stage, so that the next burst follows at once only if it has work (hellos
+        and pings are on timers; the poll tick serves them)."""
+        return self._cursor < self._end and self._room() > 0
 
     def _cursor_chunk(self) -> _Chunk:
         chunks, seq = self._chunks, self._cursor
