@@ -7,6 +7,7 @@ option declares (options.py holds each option's default, once).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,10 @@ class UploaderConfig:
     sync: bool = False  # kforge-sidecar sync: retry a failed run, stop at the end of the log
     poll_interval: float = 0.05
     heartbeat: float = 0.5  # how often the heartbeat (and uploader.json) is written, busy or idle
+    # The sidecar that started it: once that process is gone, the uploader drains and exits.
+    # Named here because a parent that died before the uploader could look is already gone
+    # from getppid(). None: whatever process is its parent when it starts (sync).
+    parent_pid: int | None = None
 
     @classmethod
     def for_run(cls, cfg: ServeConfig, run_dir: Path) -> UploaderConfig:
@@ -98,7 +103,7 @@ class UploaderConfig:
         return cls(
             run_dir=run_dir, init_timeout=up.init_timeout, finish_timeout=up.finish_timeout,
             flush_interval=up.flush_interval, drain_timeout=cfg.lifetime.drain_timeout,
-            log_level=cfg.log_level, system_metrics=up.system_metrics,
+            log_level=cfg.log_level, system_metrics=up.system_metrics, parent_pid=os.getpid(),
         )  # fmt: skip
 
     def to_json(self) -> str:

@@ -65,7 +65,7 @@ class Uploader:
         self.session: Any = None  # a WandbSession (or a stand-in), once meta.json is read
         self.draining = False
         self._stop_at: float | None = None  # when SIGTERM came (monotonic)
-        self._parent = os.getppid()
+        self._parent = cfg.parent_pid if cfg.parent_pid is not None else os.getppid()
         self._last_save = 0.0
         self._heartbeat = Heartbeat(pid=os.getpid())
         self._heartbeat_changed = True  # write its contents, not only its mtime

@@ -53,7 +53,9 @@ def _lock(run_dir: Path) -> int | None:
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the sidecar dies, so an orphan drains and leaves at once."""
+    """Linux: get SIGTERM when the sidecar dies, so an orphan drains and leaves at once. A
+    sidecar that died before this call sends none: the loop's check against the config's
+    ``parent_pid`` notices that one."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

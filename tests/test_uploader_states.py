@@ -215,3 +215,29 @@ def test_a_drain_that_begins_during_init_still_hands_wandb_everything_stored_bef
     assert session.finished == [143]
     st = up.spool.read_uploader()
     assert st.state == UploadState.FINISHED and st.trusted == 10
+
+
+def test_an_uploader_whose_sidecar_died_before_it_started_drains_and_exits(tmp_path):
+    """The sidecar is SIGKILLed while its new uploader is still importing: no death signal
+    comes (it was asked for too late), and getppid() already names the adopter. The
+    uploader still drains what is spooled and exits, instead of holding the run's lock
+    (and a wandb-core) forever, which kept the next sidecar's uploader out."""
+    import subprocess
+    import threading
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that is nobody's parent now
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 1), _metrics(2, 2))
+    cfg = UploaderConfig(run_dir=run_dir, init_timeout=5, finish_timeout=5, flush_interval=1, drain_timeout=5,
+                         log_level="INFO", system_metrics=False, poll_interval=0.01, parent_pid=gone.pid)  # fmt: skip
+    up = Uploader(cfg, session=FakeSession)
+    result: list[int] = []
+    serving = threading.Thread(target=lambda: result.append(up.serve()), daemon=True)
+    serving.start()
+    serving.join(20)
+    assert result == [EXIT_DONE], "the uploader kept waiting for frames from a sidecar that is gone"
+    session = FakeSession.sessions[0]
+    assert [step for _, step in session.logged] == [1, 2]
+    assert len(session.finished) == 1  # the wandb run was finished, not left open
+    st = up.spool.read_uploader()
+    assert st.trusted == 2 and st.state == UploadState.WAITING  # a later trainer may resume the run
