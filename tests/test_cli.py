@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 
-from conftest import Sidecar, run_trainer, wandb_file, wandb_history
+from conftest import Sidecar, all_history, run_trainer, wait_for, wandb_file, wandb_history
 from trainer import train_metrics
+
+from sidecar.proc import try_lock
 
 
 def test_second_sidecar_on_the_same_address_is_refused(env, sidecar):
@@ -116,7 +118,13 @@ def test_torn_tail_is_cut_on_start_and_the_rest_uploaded(env, sidecar):
     while (again.run(run_id) or {}).get("uploaded") != 25 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert again.stop() == 0  # drain: wandb gets what is spooled
-    rows = wandb_history(wandb_file(env.wandb_dir, run_id))
+    # The killed sidecar's uploader runs in its own session, so the SIGKILL spared it: it
+    # drains what it read and finishes (its last row goes to wandb then), and until it
+    # exits it holds the run's lock and the new uploader waits. Read the record once every
+    # uploader of the run is gone, across the .wandb files they wrote.
+    lock = env.spool / "runs" / run_id / "uploader.lock"
+    os.close(wait_for(lambda: try_lock(lock), 60, 0.2, "every uploader of the run to exit"))
+    rows, _ = all_history(env.wandb_dir, run_id)
     assert rows == {s: train_metrics(s) for s in range(1, 26)}
 
 
