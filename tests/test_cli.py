@@ -110,7 +110,9 @@ def test_torn_tail_is_cut_on_start_and_the_rest_uploaded(env, sidecar):
     again: Sidecar = sidecar()
     assert "cut a torn tail of 6 bytes" in again.log()
     assert log.stat().st_size >= size
-    st = again.wait_run(run_id, "live")
+    # live while an uploader hands wandb the frames; waiting once the killed sidecar's own
+    # uploader (see below) has handed them all and finished its segment
+    st = wait_for(lambda: (r := again.run(run_id)) and r["state"] in ("live", "waiting") and r, 60, 0.2, "the run")
     assert st["received"] == 25
     import time
 
