@@ -121,3 +121,18 @@ def test_the_sender_reads_a_metrics_frames_seq_in_place(session, seq, step, comm
     frame = protocol.encode_metrics(session, seq, step, "train", 1.5, {"loss": 1.0}, commit)
     assert protocol.metrics_seq(frame, protocol.metrics_seq_offset(session)) == seq
     assert decode_request(frame).seq == seq
+
+
+def test_the_uploader_loads_no_sender():
+    """An uploader starts per run (and after every retry): it reads the wire format
+    (client.protocol) and must not pay for the trainer's sender and pyzmq to do so."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sidecar.uploader, client; "
+        "print(sorted(m for m in ('zmq', 'client.transport', 'client.metrics_client') if m in sys.modules)); "
+        "from client import MetricsClient; print(MetricsClient.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "client.metrics_client"], out
