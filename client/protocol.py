@@ -517,12 +517,17 @@ def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool:
     as a batch's frames are: every check but msgpack's own is made here."""
     fields = metrics_fields(obj, size, limits)
     if fields is not None:
-        # A frozen dataclass's __init__ sets each field through object.__setattr__; filling
-        # its __dict__ at once makes the same object for a fraction of the cost.
-        msg = _new_metrics()
-        msg.__dict__.update(zip(_METRICS_FIELDS, fields), t="metrics")
-        return msg
+        return metrics_of(fields)
     return _decode_other(obj, size, limits, spool)
+
+
+def metrics_of(fields: MetricsFields) -> Metrics:
+    """The Metrics of fields already validated (``metrics_fields``', or a spool record's).
+    A frozen dataclass's __init__ sets each field through object.__setattr__; filling its
+    __dict__ at once makes the same object for a fraction of the cost (0.4 against 1.1 us)."""
+    msg = _new_metrics()
+    msg.__dict__.update(zip(_METRICS_FIELDS, fields), t="metrics")
+    return msg
 
 
 def _decode_other(obj: Any, size: int, limits: Limits, spool: bool) -> Request | Refused:

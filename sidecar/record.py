@@ -32,6 +32,7 @@ from client.protocol import (
     Record,
     Refused,
     decode_request,
+    metrics_of,
 )
 
 from .spool import MAX_RECORD, RunLog, UploaderState, UploadState
@@ -70,7 +71,7 @@ def decode_trusted(payload: bytes) -> Record:
                 and type(when) in (float, int)
                 and type(values) is dict
             ):
-                return Metrics(session, seq, step, obj["kind"], when, values, obj.get("commit") is not False)
+                return metrics_of((session, seq, step, obj["kind"], when, values, obj.get("commit") is not False))
     except Exception:  # not msgpack, not a map, a field missing: the full decoder says what is wrong
         pass
     return decode_record(payload)
