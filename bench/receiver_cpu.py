@@ -13,7 +13,8 @@ frames per part (what a client does after a welcome offering batches).
 Only the server process's CPU time counts (utime + stime from /proc/<pid>/stat,
 read just before the sender starts and just after the last ack): the uploader
 processes it starts, and the sender, are not counted. Runs are interleaved (floor,
-unbatched, batched) and each row is the median of ``--reps``.
+unbatched, batched) and each row is the median of ``--reps`` (5: one run's CPU time
+varies by +-10% on a 2-core machine).
 
     PYTHONPATH=. python bench/receiver_cpu.py [--quick]
 """
@@ -244,7 +245,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args()
     n = args.frames or (20_000 if args.quick else 150_000)
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 5)
 
     results: dict[str, list[dict]] = {"floor": [], "single": [], "batch": []}
     for _ in range(reps):  # interleaved, so a noisy neighbour hits all three alike
