@@ -169,7 +169,7 @@ class Server:
             sock.close(linger=1000)  # let the last acks and the stop reply leave
             ctx.term()
             self.supervisor.tick(self.receiver.runs)  # a last look: start uploaders for what just arrived
-            self.supervisor.drain(self.cfg.lifetime.drain_timeout)
+            self.supervisor.drain(self.cfg.lifetime.drain_timeout, self.receiver.runs)
             self._handle_signals()
             if self.metrics is not None:
                 self.metrics.stop()

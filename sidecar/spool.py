@@ -34,6 +34,8 @@ from typing import Any, Iterator
 
 from client.ids import RUN_ID_RE
 
+from .proc import try_lock
+
 log = logging.getLogger("kforge_sidecar.spool")
 
 HEADER = struct.Struct("<II")  # payload length, crc32(payload)
@@ -404,6 +406,25 @@ class RunSpool:
     @property
     def heartbeat_path(self) -> Path:
         return self.dir / "uploader.heartbeat"
+
+    @property
+    def lock_path(self) -> Path:
+        """uploader.lock: the run's one uploader holds it (flock) while it runs."""
+        return self.dir / "uploader.lock"
+
+    def lock(self) -> int | None:
+        """Take the run's uploader lock (its fd, held until closed or the process dies), or
+        None when an uploader already holds it: one uploader per run, even across a sidecar
+        restart that left an old one behind."""
+        return try_lock(self.lock_path)
+
+    def uploader_running(self) -> bool:
+        """Whether an uploader (any process's) holds the run's lock now."""
+        fd = self.lock()
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
 
     def write_heartbeat(self, hb: Heartbeat) -> None:
         """A beat with new contents (a new pid, or busy_until set or cleared)."""

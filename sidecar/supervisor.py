@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .config import ServeConfig, UploaderConfig
-from .exits import EXIT_RETRY
+from .exits import EXIT_LOCKED, EXIT_RETRY
 from .proc import children
 from .runstate import RunState
 from .spool import Heartbeat, UploaderState
@@ -73,6 +73,8 @@ class Supervisor:
             if spawn and run.needs_upload(st) and now >= self.backoff.get(run_id, Backoff()).not_before:
                 if len(self.workers) >= self.cfg.receiver.max_runs:
                     continue  # at the cap of uploader processes: this run waits for a free one
+                if run.spool.uploader_running():
+                    continue  # an uploader not ours (a killed sidecar's, still draining): its exit frees the run
                 self._spawn(run_id, run)
 
     def retry_in(self, run_id: str) -> float | None:
@@ -134,11 +136,22 @@ class Supervisor:
             self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
             delay = min(self.cfg.upload.retry_backoff_max, self.cfg.upload.retry_backoff * 2 ** (b.failures - 1))
             b.not_before = now + delay
-            why = "will retry" if code == EXIT_RETRY else f"exited with code {code}"
+            why = {EXIT_RETRY: "will retry", EXIT_LOCKED: "found another uploader holding the run"}.get(
+                code, f"exited with code {code}"
+            )
             log.warning("run %s: uploader %s; next attempt in %.1fs", run_id, why, delay)
 
-    def drain(self, timeout: float) -> None:
-        """SIGTERM every uploader, wait up to ``timeout``, kill the rest."""
+    def drain(self, timeout: float, runs: dict[str, RunState]) -> None:
+        """SIGTERM every uploader, wait up to ``timeout``, kill the rest. Says which runs
+        have frames wandb has not kept and no uploader of ours to hand them over."""
+        for run_id, run in runs.items():
+            st = self.states.get(run_id)
+            if run_id not in self.workers and st is not None and run.needs_upload(st):
+                log.warning(
+                    "run %s: %d frames are not in wandb yet and stay in the spool (%s); the next `serve` on this "
+                    "spool, or `kforge-sidecar sync`, uploads them", run_id, max(run.received - st.trusted, 0),
+                    "another uploader holds the run" if run.spool.uploader_running() else "its uploader is waiting to retry",
+                )  # fmt: skip
         for w in self.workers.values():
             w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout

@@ -29,12 +29,11 @@ import ctypes
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from .config import UploaderConfig
 from .consumer import Uploader
 from .exits import EXIT_CRASHED, EXIT_LOCKED
-from .proc import try_lock
+from .spool import RunSpool
 
 log = logging.getLogger("kforge_sidecar.uploader")
 
@@ -45,11 +44,6 @@ log = logging.getLogger("kforge_sidecar.uploader")
 # 40k-row backlog on a 2-core machine, interleaved pairs: 0.5 ms beat the default
 # in 7 of 8 (by 6% at the median), and 0.1 ms beat 0.5 ms in 3 of 3.
 SWITCH_INTERVAL = 0.0001
-
-
-def _lock(run_dir: Path) -> int | None:
-    """One uploader per run, even across a sidecar restart that left an old one behind."""
-    return try_lock(run_dir / "uploader.lock")
 
 
 def _die_with_parent() -> None:
@@ -75,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     _die_with_parent()
-    if _lock(cfg.run_dir) is None:
-        log.error("run %s: another uploader is running for this run", cfg.run_dir.name)
+    if RunSpool(cfg.run_dir).lock() is None:
+        # e.g. the one a killed sidecar left behind, still draining: its exit frees the run
+        log.warning("run %s: another uploader is running for this run; this one exits", cfg.run_dir.name)
         return EXIT_LOCKED
     up = Uploader(cfg)
     signal.signal(signal.SIGTERM, up.stop)

@@ -10,7 +10,7 @@ import sys
 from conftest import Sidecar, all_history, run_trainer, wait_for, wandb_file, wandb_history
 from trainer import train_metrics
 
-from sidecar.proc import try_lock
+from sidecar.spool import RunSpool
 
 
 def test_second_sidecar_on_the_same_address_is_refused(env, sidecar):
@@ -124,8 +124,8 @@ def test_torn_tail_is_cut_on_start_and_the_rest_uploaded(env, sidecar):
     # drains what it read and finishes (its last row goes to wandb then), and until it
     # exits it holds the run's lock and the new uploader waits. Read the record once every
     # uploader of the run is gone, across the .wandb files they wrote.
-    lock = env.spool / "runs" / run_id / "uploader.lock"
-    os.close(wait_for(lambda: try_lock(lock), 60, 0.2, "every uploader of the run to exit"))
+    run = RunSpool(env.spool / "runs" / run_id)
+    wait_for(lambda: not run.uploader_running(), 60, 0.2, "every uploader of the run to exit")
     rows, _ = all_history(env.wandb_dir, run_id)
     assert rows == {s: train_metrics(s) for s in range(1, 26)}
 
@@ -142,3 +142,31 @@ def test_second_sidecar_on_the_same_spool_is_refused(env, sidecar):
     assert f"spool {env.spool} is in use by another kforge-sidecar (pid {first.proc.pid})" in r.stderr
     assert first.stop() == 0
     assert not list((env.base / "sock").iterdir())  # socket and lock file gone after a clean stop
+
+
+def test_a_run_held_by_a_leftover_uploader_waits_for_it_and_the_stop_says_what_stays(env, sidecar):
+    """An uploader the sidecar did not start (a killed sidecar's, still draining) holds the
+    run's lock: the supervisor waits for it instead of starting uploaders that exit at
+    once; a stop meanwhile says what stays in the spool; the next sidecar uploads it."""
+    import time
+
+    sc = sidecar()
+    run_id = "heldbyanother1"
+    run = RunSpool(env.spool / "runs" / run_id)
+    run.dir.mkdir(mode=0o700)
+    held = run.lock()
+    assert held is not None
+    try:
+        run_trainer(env, "--steps", "10", "--run-id", run_id)
+        time.sleep(1.5)  # several supervisor ticks
+        assert sc.run(run_id)["uploaded"] == 0
+        assert sc.stop() == 0
+    finally:
+        os.close(held)
+    log = sc.log()
+    assert "another uploader" not in log.replace("(another uploader holds the run)", ""), log
+    assert f"run {run_id}: 10 frames are not in wandb yet and stay in the spool (another uploader holds the run)" in log
+    again: Sidecar = sidecar()
+    again.wait_run(run_id, "finished")
+    rows, _ = all_history(env.wandb_dir, run_id)
+    assert rows == {s: train_metrics(s) for s in range(1, 11)}
