@@ -39,7 +39,12 @@ def collect(root: Path, policy: RetentionPolicy, dry_run: bool) -> int:
     code = 0
     removed = freed = kept_pending = kept_open = 0
     for spool in spools_under(root):
-        fd = None if dry_run else _lock(spool)
+        try:
+            fd = None if dry_run else _lock(spool)
+        except OSError as exc:
+            typer.echo(f"spool {spool.root}: cannot lock it: {exc}; skipped", err=True)
+            code = 1
+            continue
         if not dry_run and fd is None:
             typer.echo(
                 f"spool {spool.root}: served by a running kforge-sidecar (pid {_owner(spool)}), which applies "

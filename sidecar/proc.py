@@ -55,11 +55,17 @@ def redirect_stderr(path: Path) -> None:
 
 def try_lock(path: Path) -> int | None:
     """An exclusive, non-blocking flock on ``path`` (created 0600): its fd, held until the
-    process closes it or dies, or None when another process holds it."""
+    process closes it or dies, or None when another process holds it. Any other failure
+    raises OSError: a filesystem without flock (some NFS and Lustre mounts answer ENOLCK
+    or ENOSYS) must not read as "held by another process", which names no owner and
+    would make a waiter wait forever."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # EWOULDBLOCK: held
         os.close(fd)
         return None
+    except OSError:
+        os.close(fd)
+        raise
     return fd

@@ -440,7 +440,14 @@ def _lock_file(path: Path, busy: str) -> int:
     the job's sidecar, then waits on the flock for it to drain; the logrotate recipe in
     deploy/README.md reads it too. Change them together.
     """
-    fd = try_lock(path)
+    try:
+        fd = try_lock(path)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot lock {path}: {exc}; its filesystem must support flock: put the spool and the socket on "
+            "node-local disk (--spool-dir, --address)",
+            EXIT_UNSAFE,
+        ) from None
     if fd is None:
         try:
             owner = path.read_bytes()[:32].decode(errors="replace").strip() or "?"

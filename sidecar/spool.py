@@ -419,8 +419,12 @@ class RunSpool:
         return try_lock(self.lock_path)
 
     def uploader_running(self) -> bool:
-        """Whether an uploader (any process's) holds the run's lock now."""
-        fd = self.lock()
+        """Whether an uploader (any process's) holds the run's lock now. A lock that cannot
+        be taken at all says no: the uploader started then says why, in its own log."""
+        try:
+            fd = self.lock()
+        except OSError:
+            return False
         if fd is None:
             return True
         os.close(fd)

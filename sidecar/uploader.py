@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     _die_with_parent()
-    if RunSpool(cfg.run_dir).lock() is None:
+    try:
+        locked = RunSpool(cfg.run_dir).lock()
+    except OSError as exc:
+        log.error("run %s: cannot take the run's uploader lock: %s", cfg.run_dir.name, exc)
+        return EXIT_CRASHED
+    if locked is None:
         # e.g. the one a killed sidecar left behind, still draining: its exit frees the run
         log.warning("run %s: another uploader is running for this run; this one exits", cfg.run_dir.name)
         return EXIT_LOCKED

@@ -100,3 +100,40 @@ def test_records_are_cut_from_blocks_across_their_edges_and_a_growing_tail(tmp_p
     with open(log.path, "ab") as f:
         f.write(data[recs[5].offset + 11 :])
     assert [r.payload for r in reader] == payloads[5:]
+
+
+def test_a_lock_held_elsewhere_is_none_and_a_filesystem_without_flock_is_an_error(tmp_path, monkeypatch):
+    """Only EWOULDBLOCK means "another process holds it". A filesystem without flock (an
+    NFS or Lustre mount answering ENOLCK) raises: the server says so at start instead of
+    naming an owner that does not exist, and the supervisor does not wait forever."""
+    import errno
+
+    import pytest
+
+    from sidecar import proc as proc_mod
+    from sidecar.server import EXIT_UNSAFE, StartupError, _lock_file
+    from sidecar.spool import RunSpool
+
+    run = RunSpool(tmp_path / "run")
+    run.dir.mkdir()
+    held = run.lock()
+    assert held is not None
+    try:
+        assert run.lock() is None and run.uploader_running()
+    finally:
+        os.close(held)
+    assert not run.uploader_running()
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(proc_mod.fcntl, "flock", no_flock)
+    with pytest.raises(OSError) as exc:
+        run.lock()
+    assert exc.value.errno == errno.ENOLCK
+    assert not run.uploader_running()  # cannot tell: the uploader started says why
+    with pytest.raises(StartupError) as startup:
+        _lock_file(tmp_path / "sidecar.lock", "in use by pid {owner}")
+    assert startup.value.code == EXIT_UNSAFE
+    assert "cannot lock" in str(startup.value) and "flock" in str(startup.value)
+    assert "in use by" not in str(startup.value)
