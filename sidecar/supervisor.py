@@ -129,6 +129,12 @@ class Supervisor:
                 b.failures = 0
                 log.debug("run %s: uploader exited", run_id)
                 continue
+            if code == EXIT_LOCKED:
+                # It lost a race (tick looks at the lock before a spawn) with an uploader not
+                # ours: nothing failed, so no backoff and no failure counted; tick waits for
+                # that one's exit, then starts ours.
+                log.info("run %s: another uploader holds the run; ours starts when it exits", run_id)
+                continue
             b.failures += 1
             wedged = run_id in self._wedged
             self._wedged.discard(run_id)
@@ -136,9 +142,7 @@ class Supervisor:
             self.restarts[run_id] = self.restarts.get(run_id, 0) + 1
             delay = min(self.cfg.upload.retry_backoff_max, self.cfg.upload.retry_backoff * 2 ** (b.failures - 1))
             b.not_before = now + delay
-            why = {EXIT_RETRY: "will retry", EXIT_LOCKED: "found another uploader holding the run"}.get(
-                code, f"exited with code {code}"
-            )
+            why = "will retry" if code == EXIT_RETRY else f"exited with code {code}"
             log.warning("run %s: uploader %s; next attempt in %.1fs", run_id, why, delay)
 
     def drain(self, timeout: float, runs: dict[str, RunState]) -> None:
