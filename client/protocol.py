@@ -290,6 +290,7 @@ def metrics_seq(frame: bytes, offset: int) -> int:
 
 _unpackb = msgpack.unpackb
 _SCALAR_TYPES = frozenset((int, float, bool))
+_TEXT = frozenset((str,))
 # Session ids that matched SESSION_RE: a set lookup instead of a regex per frame.
 # Bounded: a flood of fresh ids only empties it.
 _SESSIONS_OK: set[str] = set()
@@ -381,11 +382,14 @@ def check_values(values: Any, limits: Limits) -> dict[str, Scalar]:
     # The whole map at C speed; the loop below only runs to name what is wrong.
     if not values or (
         _SCALAR_TYPES.issuperset(map(type, values.values()))
+        and _TEXT.issuperset(map(type, values))
         and all(values)
         and max(map(len, values)) <= limits.max_key_len
     ):
         return values
     for key, value in values.items():
+        if type(key) is not str:  # msgpack also has binary keys: wandb.log raises on them
+            raise ProtocolError("bad_value", f"key {key!r} is {type(key).__name__}, not text")
         if not key or len(key) > limits.max_key_len:
             raise ProtocolError("bad_value", f"key of length {len(key)} (1..{limits.max_key_len})")
         if type(value) not in _SCALAR_TYPES:

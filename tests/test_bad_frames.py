@@ -28,6 +28,7 @@ BAD = [
     ([metrics(kind="debug")], "bad_field"),
     ([metrics(values={"loss": "nan"})], "bad_value"),
     ([metrics(values={"loss": {"nested": 1}})], "bad_value"),
+    ([metrics(values={b"loss": 1.0})], "bad_value"),  # a binary metric name: wandb.log raises on it
     ([metrics(values={f"k{i}": 0.0 for i in range(1500)})], "too_many"),
     ([metrics(values={"loss": 1.0, "pad": "x" * 100_000})], "oversize"),
     ([metrics(), b"extra part"], "malformed"),
@@ -86,3 +87,29 @@ def test_a_rejected_hello_is_fatal_so_the_client_does_not_repeat_it_forever(env,
     assert isinstance(reply, protocol.Error) and reply.fatal is True
     assert "non-finite" in reply.reason
     assert sc.status()["sidecar"]["rejected"] == {"bad_field": 1}
+
+
+def test_a_binary_metric_name_is_refused_alone_and_the_run_goes_on_to_wandb(env, sidecar, raw):
+    """msgpack has binary map keys too. One stored frame with one once wedged the run:
+    wandb.log raised on it in the uploader, which crashed, restarted at that frame and
+    crashed again, so no later step ever reached wandb."""
+    import os
+
+    sc = sidecar()
+    raw.send(protocol.encode(protocol.Hello(SESSION, "p", None, None, {}, os.getpid(), "elsewhere")))
+    assert raw.poll(10_000)
+    welcome = protocol.decode_response(raw.recv())
+    assert isinstance(welcome, protocol.Welcome), welcome
+    for seq, values in ((1, {"loss": 1.0}), (2, {b"loss": 2.0, "lr": 0.1}), (3, {"loss": 3.0})):
+        raw.send(metrics(seq=seq, step=seq, values=values))
+    raw.send(protocol.encode(protocol.Close(SESSION, 4, exit_code=0)))
+    got = []
+    while not any(isinstance(r, protocol.Ack) and r.seq == 4 for r in got):
+        assert raw.poll(10_000), f"no ack of the close; got {got}"
+        got.append(protocol.decode_response(raw.recv()))
+    errors = [r for r in got if isinstance(r, protocol.Error)]
+    assert len(errors) == 1 and errors[0].code == protocol.E_REFUSED and errors[0].seq == 2, got
+    run = sc.wait_run(welcome.run_id, "finished")
+    assert run["received"] == 2 and run["refused"] == 1
+    assert sc.status()["sidecar"]["rejected"] == {"bad_value": 1}
+    assert wandb_history(wandb_file(env.wandb_dir, welcome.run_id)) == {1: {"loss": 1.0}, 3: {"loss": 3.0}}
