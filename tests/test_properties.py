@@ -189,6 +189,132 @@ def test_the_receivers_fast_decoder_agrees_with_decode_request(parts):
     assert repr(fast) == repr(full)  # repr: a NaN in a config equals itself
 
 
+# Metrics frames at the edges of the receiver's msgspec schema (protocol._fast_metrics_decoder),
+# written as raw msgpack maps: duplicate keys, binary keys, a bool where an int goes, an int
+# where a float goes, NaN, the 64-bit edges, fields beyond the protocol's, and tight limits.
+EDGE_LIMITS = protocol.Limits(max_scalars=3, max_key_len=4)
+
+
+class RawMap(bytes):
+    """A msgpack map already encoded (it may hold a key twice, which no dict can)."""
+
+
+def _pack_map(pairs: list[tuple]) -> RawMap:
+    head = bytes([0x80 | len(pairs)]) if len(pairs) < 16 else b"\xde" + len(pairs).to_bytes(2, "big")
+    return RawMap(head + b"".join(_pack(k) + _pack(v) for k, v in pairs))
+
+
+class RawStr(bytes):
+    """A msgpack str of any bytes, valid UTF-8 or not."""
+
+
+def _raw_str(data: bytes) -> RawStr:
+    return RawStr(bytes([0xA0 | len(data)]) + data)  # fixstr: under 32 bytes
+
+
+edge_scalar = st.one_of(
+    st.booleans(), st.floats(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.sampled_from([0, 1, -1, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 0.5, float("nan"), float("inf")]),
+)  # fmt: skip
+odd_scalar = st.one_of(st.none(), st.text(max_size=3), st.binary(max_size=2), st.binary(max_size=3).map(_raw_str))
+edge_key = st.one_of(
+    st.text(min_size=1, max_size=4), st.text(max_size=6), st.binary(max_size=3), st.just(_raw_str(b"\xff"))
+)
+edge_values = st.one_of(
+    st.dictionaries(st.text(min_size=1, max_size=4), edge_scalar, max_size=5),  # sound but for their number
+    st.lists(st.tuples(edge_key, st.one_of(edge_scalar, odd_scalar)), max_size=5).map(_pack_map),
+)
+EDGES = {
+    "t": st.sampled_from(["metrics", "hello", b"metrics", None]),
+    "v": st.sampled_from([1, 2, True, 1.0, None]),
+    "session": st.sampled_from([SESSION, "unknownsession1", "bad id!", SESSION.encode(), None, 1]),
+    "seq": st.sampled_from([1, 0, -1, 2**63 - 1, 2**63, 2**64 - 1, True, 1.0, None]),
+    "step": st.sampled_from([None, 0, -1, 2**63 - 1, 2**63, True, 1.0, "1"]),
+    "kind": st.sampled_from(["train", "eval", "metrics", "", None, b"train"]),
+    "time": st.sampled_from([0, 0.0, 1e300, 2**64 - 1, float("nan"), float("inf"), True, None, "0"]),
+    "commit": st.sampled_from([None, True, False, 0, 1, "yes"]),
+    "values": edge_values,
+}
+
+
+def _pack(value) -> bytes:
+    return value if isinstance(value, (RawMap, RawStr)) else msgpack.packb(value, use_bin_type=True)
+
+
+@st.composite
+def metrics_edges(draw) -> bytes:
+    pairs: list[tuple] = [("t", "metrics"), ("v", 1), ("session", SESSION), ("seq", 1), ("step", 1),
+                          ("kind", "train"), ("time", 0.0), ("values", draw(edge_values))]  # fmt: skip
+    if draw(st.booleans()):
+        pairs.append(("commit", draw(EDGES["commit"])))
+    for _ in range(draw(st.integers(0, 2))):
+        op = draw(st.sampled_from(["set", "set", "drop", "twice", "extra"]))
+        name = draw(st.sampled_from(sorted(EDGES)))
+        at = [i for i, (k, _) in enumerate(pairs) if k == name]
+        if op == "extra":
+            pairs.append((draw(st.one_of(st.text(max_size=6), st.binary(max_size=2), st.just(_raw_str(b"\xc3")))),
+                          draw(st.one_of(edge_scalar, odd_scalar))))  # fmt: skip
+        elif op == "set" and at:
+            pairs[at[0]] = (name, draw(EDGES[name]))
+        elif op == "drop" and at:
+            pairs.pop(at[0])
+        else:
+            pairs.append((name, draw(EDGES[name])))
+    return bytes(_pack_map(pairs))
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True, database=None)
+@given(raw=metrics_edges())
+def test_the_receivers_msgspec_schema_takes_exactly_what_metrics_fields_takes(raw):
+    """Where msgspec accepts a frame alone, ``decode_request`` accepts it with the same
+    fields; and ``decode_part`` (which tries msgspec first) agrees with ``decode_request``
+    on every frame, errors included."""
+
+    def outcome(decode):
+        try:
+            return decode(raw, EDGE_LIMITS)
+        except protocol.ProtocolError as exc:
+            return (type(exc).__name__, exc.reason, str(exc))
+
+    full = outcome(protocol.decode_request)  # first: it remembers a sound session id, as a hello would
+    if isinstance(full, protocol.Metrics):
+        full = tuple(getattr(full, name) for name in protocol._METRICS_FIELDS)
+    assert repr(outcome(protocol.decode_part)) == repr(full)
+    fast = EDGE_LIMITS.fast_metrics
+    assert fast is not None, "msgspec is a dependency of the sidecar"
+    try:
+        m = fast(raw)
+    except Exception:
+        return
+    if m.session in protocol._SESSIONS_OK and math.isfinite(m.time):
+        assert isinstance(full, tuple) and full[0] == m.session and full[1] == m.seq
+        assert repr(full[5]) == repr(m.values) and full[2] == m.step and full[3] == m.kind
+
+
+def test_a_sound_metrics_frame_takes_the_msgspec_path():
+    raw = bytes(_pack_map([("t", "metrics"), ("v", 1), ("session", SESSION), ("seq", 7), ("step", None),
+                           ("kind", "eval"), ("time", 3), ("values", {"a": 1, "b": 0.5, "c": True})]))  # fmt: skip
+    protocol.decode_request(raw, EDGE_LIMITS)
+    m = EDGE_LIMITS.fast_metrics(raw)
+    assert (m.session, m.seq, m.step, m.kind, m.time, m.values) == (
+        SESSION,
+        7,
+        None,
+        "eval",
+        3.0,
+        {"a": 1, "b": 0.5, "c": True},
+    )
+    assert protocol.decode_part(raw, EDGE_LIMITS) == (
+        SESSION,
+        7,
+        None,
+        "eval",
+        3.0,
+        {"a": 1, "b": 0.5, "c": True},
+        True,
+    )
+
+
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
