@@ -53,13 +53,24 @@ def decode_record(payload: bytes) -> Record:
 
 
 def decode_trusted(payload: bytes) -> Record:
-    """``decode_record`` without checking a metrics frame's contents again: the receiver
-    validated the frame before it stored it, and the spool's CRC says these are the bytes
-    it stored. The other records (a few per run) go through ``decode_record``.
+    """``decode_record`` for a drain, which reads every record once more: a metrics frame is
+    trusted for what the receiver checked before it stored it (the spool's CRC says these
+    are the bytes it stored). The other records (a few per run) go through ``decode_record``.
 
-    Still never a crash on garbage: a metrics frame's fields have their types (what the
-    readers compute with), else the full decoder decides (and raises ProtocolError);
-    only the ranges, the kind and the values' scalars are taken as the receiver checked them."""
+    Where msgspec is installed, its schema checks a metrics frame's fields, values
+    included, in C (``Limits.fast_metrics``), for less than the type checks below cost in
+    Python; what it does not take is validated in full, so a record no receiver should
+    have stored (one an older version took) is refused here, never handed to wandb.
+    Without it, a metrics frame's fields have their types (what the readers compute with),
+    else the full decoder decides; the ranges, the kind and the values' scalars are taken
+    as the receiver checked them. Never a crash on garbage: ProtocolError."""
+    fast = _FAST
+    if fast is not None:
+        try:
+            m = fast(payload)
+        except Exception:  # another record type, or one the receiver should not have taken
+            return decode_record(payload)
+        return metrics_of((m.session, m.seq, m.step, m.kind, m.time, m.values, m.commit is not False))
     try:
         obj = msgpack.unpackb(payload)
         if obj["t"] == "metrics" and obj["v"] == PROTOCOL_VERSION:
@@ -75,6 +86,9 @@ def decode_trusted(payload: bytes) -> Record:
     except Exception:  # not msgpack, not a map, a field missing: the full decoder says what is wrong
         pass
     return decode_record(payload)
+
+
+_FAST = TRUSTED_LIMITS.fast_metrics
 
 
 def _skip(_rec: SpoolRecord, _exc: ProtocolError) -> None:

@@ -79,7 +79,7 @@ def _run(tmp_path: Path, *msgs) -> Path:
     rs = spool.create_run(RunMeta(run_id="r1", project="p", name=None, config={}, host="h"))
     rs.log.open_for_append()
     for m in msgs:
-        rs.log.append(protocol.encode(m))
+        rs.log.append(m if isinstance(m, bytes) else protocol.encode(m))
     rs.log.close()
     return rs.dir
 
@@ -114,6 +114,22 @@ def test_a_closed_run_goes_live_then_finished_and_the_cursor_reaches_the_end(tmp
     assert st.offset == (run_dir / "frames.log").stat().st_size
     hb = Spool(tmp_path / "spool").run("r1").read_heartbeat()
     assert hb.pid == os.getpid() and hb.busy_until is None and hb.at > 0
+
+
+def test_a_record_no_receiver_should_have_stored_is_skipped_not_handed_to_wandb(tmp_path, caplog):
+    """A metrics record with a binary metric name, as a receiver before the check stored
+    it: wandb.log raises on such a key, and the uploader crashed and restarted at that
+    record forever. The drain validates it in full, logs it and goes on."""
+    import msgpack
+
+    poison = msgpack.packb({"v": 1, "t": "metrics", "session": S, "seq": 2, "step": 1, "kind": "train",
+                            "time": 0.0, "values": {b"x": 1.0}}, use_bin_type=True)  # fmt: skip
+    run_dir = _run(tmp_path, _hello(), _metrics(1, 0), poison, _metrics(3, 2), Close(S, 4, exit_code=0))
+    code, st = _upload(run_dir)
+    assert code == EXIT_DONE and st.state == UploadState.FINISHED
+    (s,) = FakeSession.sessions
+    assert s.logged == [({"x": 0.0}, 0), ({"x": 2.0}, 2)] and s.finished == [0]
+    assert "unreadable spool record" in caplog.text and "not text" in caplog.text
 
 
 def test_a_permanent_init_failure_is_the_sentinel_and_only_sync_retries_it(tmp_path):
