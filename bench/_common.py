@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-out"
@@ -149,6 +151,35 @@ def push_to_sink(address: str, hwm: int) -> Iterator:
         ctx.term()
         sink.kill()
         sink.wait()
+
+
+def scenario_args(doc: str | None, scenarios: tuple[str, ...], out: str) -> argparse.Namespace:
+    """The command line of a bench that runs each scenario in a fresh child of its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=100_000)
+    p.add_argument("--scenarios", default=",".join(scenarios))
+    p.add_argument("--out", type=Path, default=OUT / out)
+    p.add_argument("--child", choices=scenarios)
+    return p.parse_args()
+
+
+def run_scenarios(script: str, names: list[str], calls: int, timeout: float) -> dict[str, Any] | None:
+    """Each scenario in a fresh process (``script --child NAME``), so that no thread, socket
+    or garbage of one reaches the next; the last line a child prints is its JSON result.
+    None, having said which one failed, if one does."""
+    results: dict[str, Any] = {}
+    for name in names:
+        print(f"running {name} ({calls} calls)...", file=sys.stderr, flush=True)
+        r = subprocess.run(
+            [sys.executable, script, "--child", name, "--calls", str(calls)],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        sys.stderr.write(r.stderr[-3000:])
+        if r.returncode != 0:
+            print(f"{name} failed", file=sys.stderr)
+            return None
+        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    return results
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05):

@@ -20,13 +20,11 @@ loop calls log() once per step.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import push_to_sink, start_sidecar, stop_process, timed  # noqa: E402
+from _common import push_to_sink, run_scenarios, scenario_args, start_sidecar, stop_process, timed  # noqa: E402
 
 SCENARIOS = ("floor", "healthy", "no-sidecar", "in-process")
 
@@ -125,28 +123,13 @@ def child(scenario: str, calls: int) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=100_000)
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "log_latency.json")
-    p.add_argument("--child", choices=SCENARIOS)
-    a = p.parse_args()
+    a = scenario_args(__doc__, SCENARIOS, "log_latency.json")
     if a.child:
         child(a.child, a.calls)
         return 0
-
-    results: dict[str, dict] = {}
-    for name in a.scenarios.split(","):
-        print(f"running {name} ({a.calls} calls)...", file=sys.stderr, flush=True)
-        r = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--calls", str(a.calls)],
-            capture_output=True, text=True, timeout=1800,
-        )  # fmt: skip
-        sys.stderr.write(r.stderr[-2000:])
-        if r.returncode != 0:
-            print(f"{name} failed", file=sys.stderr)
-            return 1
-        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    results = run_scenarios(__file__, a.scenarios.split(","), a.calls, timeout=1800)
+    if results is None:
+        return 1
 
     print(f"\nlog() latency, 14-key dict, {a.calls} calls each (µs)")
     print(f"{'scenario':<12} {'median':>8} {'p99':>8} {'max':>9} {'peak RSS MB':>12}")

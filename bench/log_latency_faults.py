@@ -18,7 +18,6 @@ Writes bench-out/log_latency_faults.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from _common import run_scenarios, scenario_args  # noqa: E402
 from log_latency import summarize, timed  # noqa: E402
 
 from sidecar.proc import children  # noqa: E402
@@ -122,28 +122,13 @@ def child(scenario: str, calls: int) -> dict | None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=100_000)
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--out", type=Path, default=ROOT / "bench-out" / "log_latency_faults.json")
-    p.add_argument("--child", choices=SCENARIOS)
-    a = p.parse_args()
+    a = scenario_args(__doc__, SCENARIOS, "log_latency_faults.json")
     if a.child:
         print(json.dumps(child(a.child, a.calls)))
         return 0
-
-    results: dict[str, dict | None] = {}
-    for name in a.scenarios.split(","):
-        print(f"running {name} ({a.calls} calls)...", file=sys.stderr, flush=True)
-        r = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--calls", str(a.calls)],
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        if r.returncode != 0:
-            sys.stderr.write(r.stderr[-3000:])
-            print(f"{name} failed", file=sys.stderr)
-            return 1
-        results[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    results = run_scenarios(__file__, a.scenarios.split(","), a.calls, timeout=900)
+    if results is None:
+        return 1
 
     healthy = results.get("healthy")
     print(f"\nlog() latency under faults, 14-key dict, {a.calls} calls each (µs)")
