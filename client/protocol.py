@@ -551,7 +551,7 @@ def _fast_metrics_decoder(limits: Limits) -> Callable[[bytes], Any] | None:
     and the time's finiteness are left to ``decode_part``. Stricter than the long way is
     only slower, never wrong (a frame it refuses goes the long way); never looser:
     tests/test_properties.py holds the two to the same answers. None without msgspec (a
-    trainer's install has no need of it)."""
+    trainer's install has no need of it), or where it fails a check of its own."""
     try:
         import msgspec
     except ImportError:
@@ -576,7 +576,28 @@ def _fast_metrics_decoder(limits: Limits) -> Callable[[bytes], Any] | None:
         forbid_unknown_fields=True,  # the long way ignores them, after checking they decode
         gc=False,  # it holds no container that could refer back to it
     )
-    return msgspec.msgpack.Decoder(frame).decode
+    decode = msgspec.msgpack.Decoder(frame).decode
+    # A msgspec that takes any of these is not used: 0.18.0 did not hold map keys to
+    # min_length, and a frame the schema takes is stored as it is.
+    good = {"t": "metrics", "v": PROTOCOL_VERSION, "session": "canary-session", "seq": 1, "step": 1,
+            "kind": KINDS[0], "time": 0.0, "values": {"k": 1.0}}  # fmt: skip
+    for bad in (
+        {"values": {"": 1.0}},
+        {"values": {"k" * (limits.max_key_len + 1): 1.0}},
+        {"values": {f"k{i}": 1.0 for i in range(limits.max_scalars + 1)}},
+        {"values": {"k": "text"}},
+        {"seq": 0},
+        {"step": -1},
+        {"kind": "other"},
+        {"commit": 1},
+        {"extra": 1},
+    ):
+        try:
+            decode(msgpack.packb(good | bad))
+        except Exception:
+            continue
+        return None
+    return decode
 
 
 def metrics_of(fields: MetricsFields) -> Metrics:

@@ -136,3 +136,31 @@ def test_the_uploader_loads_no_sender():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split("\n")[:2] == ["[]", "client.metrics_client"], out
+
+
+def test_a_msgspec_that_takes_what_it_should_not_is_not_used(monkeypatch):
+    """The receiver stores what the msgspec schema takes. A msgspec whose checks fail (0.18.0
+    let an empty metric name through) is caught when the decoder is built: the Python path,
+    which checks everything, is used instead."""
+    import sys
+    import types
+
+    class Meta:
+        def __init__(self, **_):
+            pass
+
+    class Decoder:  # decodes anything, checks nothing
+        def __init__(self, _type):
+            pass
+
+        def decode(self, raw):
+            return types.SimpleNamespace(**msgpack.unpackb(raw))
+
+    lax = types.ModuleType("msgspec")
+    lax.Meta = Meta
+    lax.defstruct = lambda *a, **k: object
+    lax.msgpack = types.SimpleNamespace(Decoder=Decoder)
+    monkeypatch.setitem(sys.modules, "msgspec", lax)
+    assert protocol._fast_metrics_decoder(protocol.Limits()) is None
+    monkeypatch.undo()
+    assert protocol._fast_metrics_decoder(protocol.Limits()) is not None  # the installed one passes
