@@ -528,7 +528,7 @@ def decode_part(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> MetricsFields | 
         else:
             # a new session's id is checked (and remembered) the long way; a non-finite time refused there
             if m.session in _SESSIONS_OK and math.isfinite(m.time):
-                return m.session, m.seq, m.step, m.kind, m.time, m.values, m.commit is not False
+                return fields_of(m)
     obj = _unpack(raw, limits.max_alone)
     fields = metrics_fields(obj, len(raw), limits)
     if fields is not None:
@@ -548,14 +548,18 @@ def decode_unpacked(obj: Any, size: int, limits: Limits = DEFAULT_LIMITS, spool:
 def _fast_metrics_decoder(limits: Limits) -> Callable[[bytes], Any] | None:
     """``metrics_fields``' rules as a msgspec schema, checked in C while it decodes: a
     current-version metrics frame with no field beyond the protocol's. The session's id
-    and the time's finiteness are left to ``decode_part``. Stricter than the long way is
+    and the time's finiteness are left to its callers. Stricter than the long way is
     only slower, never wrong (a frame it refuses goes the long way); never looser:
     tests/test_properties.py holds the two to the same answers. None without msgspec (a
-    trainer's install has no need of it), or where it fails a check of its own."""
+    trainer's install has no need of it), or with one that fails ``_msgspec_sound``."""
     try:
         import msgspec
     except ImportError:
         return None
+    return _metrics_schema(msgspec, limits) if _msgspec_sound(msgspec) else None
+
+
+def _metrics_schema(msgspec: Any, limits: Limits) -> Callable[[bytes], Any]:
     from typing import Annotated, Literal, Optional
 
     meta = msgspec.Meta
@@ -576,15 +580,21 @@ def _fast_metrics_decoder(limits: Limits) -> Callable[[bytes], Any] | None:
         forbid_unknown_fields=True,  # the long way ignores them, after checking they decode
         gc=False,  # it holds no container that could refer back to it
     )
-    decode = msgspec.msgpack.Decoder(frame).decode
-    # A msgspec that takes any of these is not used: 0.18.0 did not hold map keys to
-    # min_length, and a frame the schema takes is stored as it is.
+    return msgspec.msgpack.Decoder(frame).decode
+
+
+@functools.lru_cache(maxsize=None)
+def _msgspec_sound(msgspec: Any) -> bool:
+    """Whether this msgspec enforces the schema: a frame the schema takes is stored as it
+    is, and 0.18.0 did not hold map keys to min_length. Checked once, with small limits
+    (the library's behaviour, not any one schema's)."""
+    decode = _metrics_schema(msgspec, Limits(max_scalars=2, max_key_len=2))
     good = {"t": "metrics", "v": PROTOCOL_VERSION, "session": "canary-session", "seq": 1, "step": 1,
             "kind": KINDS[0], "time": 0.0, "values": {"k": 1.0}}  # fmt: skip
     for bad in (
         {"values": {"": 1.0}},
-        {"values": {"k" * (limits.max_key_len + 1): 1.0}},
-        {"values": {f"k{i}": 1.0 for i in range(limits.max_scalars + 1)}},
+        {"values": {"kkk": 1.0}},
+        {"values": {"a": 1.0, "b": 1.0, "c": 1.0}},
         {"values": {"k": "text"}},
         {"seq": 0},
         {"step": -1},
@@ -596,8 +606,13 @@ def _fast_metrics_decoder(limits: Limits) -> Callable[[bytes], Any] | None:
             decode(msgpack.packb(good | bad))
         except Exception:
             continue
-        return None
-    return decode
+        return False
+    return True
+
+
+def fields_of(m: Any) -> MetricsFields:
+    """A metrics frame's fields (``MetricsFields``) from what ``Limits.fast_metrics`` decoded."""
+    return m.session, m.seq, m.step, m.kind, m.time, m.values, m.commit is not False
 
 
 def metrics_of(fields: MetricsFields) -> Metrics:

@@ -32,6 +32,7 @@ from client.protocol import (
     Record,
     Refused,
     decode_request,
+    fields_of,
     metrics_of,
 )
 
@@ -70,7 +71,7 @@ def decode_trusted(payload: bytes) -> Record:
             m = fast(payload)
         except Exception:  # another record type, or one the receiver should not have taken
             return decode_record(payload)
-        return metrics_of((m.session, m.seq, m.step, m.kind, m.time, m.values, m.commit is not False))
+        return metrics_of(fields_of(m))
     try:
         obj = msgpack.unpackb(payload)
         if obj["t"] == "metrics" and obj["v"] == PROTOCOL_VERSION:
